@@ -1,0 +1,146 @@
+"""jaxinit: initializers, gains, batch norm and diagnostics for JAX and Flax.
+
+Import as ``import jaxinit as ji``. The core needs only JAX; ``jaxinit.linen`` and
+``jaxinit.nnx`` hold the Flax modules.
+"""
+
+# --- gains, fans and initializers ---
+from jaxinit._src.fans import compute_fans
+from jaxinit._src.gains import calculate_gain, variance_gain
+from jaxinit._src.initializers import (
+    Initializer,
+    constant,
+    delta_orthogonal,
+    glorot_normal,
+    glorot_uniform,
+    he_normal,
+    he_uniform,
+    identity,
+    kaiming_normal,
+    kaiming_uniform,
+    lecun_normal,
+    lecun_uniform,
+    normal,
+    ones,
+    orthogonal,
+    sparse,
+    truncated_normal,
+    uniform,
+    variance_scaling,
+    xavier_normal,
+    xavier_uniform,
+    zeros,
+)
+
+# --- batch norm ---
+# isort: split
+from jaxinit._src.batch_norm import (
+    BatchNormState,
+    batch_norm,
+    batch_norm_state,
+    update_running_stats,
+)
+from jaxinit._src.moments import Moments, all_reduce_moments, batch_moments, merge_moments
+
+# --- diagnostics and LSUV ---
+from jaxinit.diagnostics import (
+    DepthReport,
+    DepthRow,
+    Diagnostics,
+    LayerStats,
+    LsuvReport,
+    ParamStats,
+    PropagationResult,
+    UpdateRatios,
+    assert_stable,
+    depth_report,
+    diagnose,
+    layer_outputs,
+    lsuv,
+    plot_activations,
+    plot_depth,
+    plot_gradients,
+    plot_histograms,
+    plot_update_ratios,
+    propagation,
+    update_ratios,
+)
+
+# --- torch porting ---
+from jaxinit.porting import (
+    flax_to_torch_state_dict,
+    torch_batch_norm_kwargs,
+    torch_bias_init,
+    torch_fan_in,
+    torch_init_params,
+    torch_kernel_init,
+    torch_state_dict_to_flax,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Initializer",
+    "calculate_gain",
+    "compute_fans",
+    "constant",
+    "delta_orthogonal",
+    "glorot_normal",
+    "glorot_uniform",
+    "he_normal",
+    "he_uniform",
+    "identity",
+    "kaiming_normal",
+    "kaiming_uniform",
+    "lecun_normal",
+    "lecun_uniform",
+    "normal",
+    "ones",
+    "orthogonal",
+    "sparse",
+    "truncated_normal",
+    "uniform",
+    "variance_gain",
+    "variance_scaling",
+    "xavier_normal",
+    "xavier_uniform",
+    "zeros",
+    # batch norm
+    "BatchNormState",
+    "Moments",
+    "all_reduce_moments",
+    "batch_moments",
+    "batch_norm",
+    "batch_norm_state",
+    "merge_moments",
+    "update_running_stats",
+    # diagnostics and LSUV
+    "DepthReport",
+    "DepthRow",
+    "Diagnostics",
+    "LayerStats",
+    "LsuvReport",
+    "ParamStats",
+    "PropagationResult",
+    "UpdateRatios",
+    "assert_stable",
+    "depth_report",
+    "diagnose",
+    "layer_outputs",
+    "lsuv",
+    "plot_activations",
+    "plot_depth",
+    "plot_gradients",
+    "plot_histograms",
+    "plot_update_ratios",
+    "propagation",
+    "update_ratios",
+    # torch porting
+    "flax_to_torch_state_dict",
+    "torch_batch_norm_kwargs",
+    "torch_bias_init",
+    "torch_fan_in",
+    "torch_init_params",
+    "torch_kernel_init",
+    "torch_state_dict_to_flax",
+]

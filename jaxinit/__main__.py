@@ -1,0 +1,169 @@
+"""``python -m jaxinit``: the depth experiment, printed as a table.
+
+Runs :func:`jaxinit.depth_report` and prints, for every activation, init and batch-norm setting,
+the activation std at a few depths, the saturated fraction (bounded activations) and a verdict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+from jaxinit.diagnostics._mlp import ACTIVATION_NAMES
+from jaxinit.diagnostics.depth import (
+    DEPTH_ACTIVATIONS,
+    DEPTH_INITS,
+    EXPLODE_RATIO,
+    SATURATE_FRACTION,
+    VANISH_RATIO,
+    depth_report,
+    plot_depth,
+)
+
+_EPILOG = f"""\
+inits:
+  normal         ji.normal(1.0): every weight N(0, 1), no fan scaling
+  lecun_normal   ji.lecun_normal(): flax's default, truncated normal, variance 1/fan_in
+  kaiming        ji.kaiming_normal(nonlinearity=...): torch's calculate_gain (relu's for gelu)
+  variance_gain  variance 1/fan_in times ji.variance_gain(f)**2, so that E[z^2] stays 1
+  lsuv           ji.orthogonal(), then LSUV rescales each layer to unit variance on the batch
+
+verdicts (r = activation std at the last layer / std at layer 1):
+  explodes   r > {EXPLODE_RATIO:g}, or any inf/nan
+  saturates  (tanh) more than {SATURATE_FRACTION:.0%} of units have |h| > the saturation threshold
+  vanishes   r < {VANISH_RATIO:g}
+  holds      otherwise
+
+example: python -m jaxinit --depth 20 --activations relu,tanh --plot depth.png
+"""
+
+
+def _names(known: Sequence[str], what: str):
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(n.strip() for n in text.split(",") if n.strip())
+        bad = [n for n in names if n not in known]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what} {', '.join(map(repr, bad)) or repr(text)}; "
+                f"choose from {','.join(known)}"
+            )
+        return names
+
+    return parse
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line parser of ``python -m jaxinit``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxinit",
+        description=(
+            "The depth experiment: push unit-normal inputs through a deep bias-free MLP and watch "
+            "the activations hold, vanish, explode or saturate under each init, with and without "
+            "batch norm between layers."
+        ),
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--depth", type=_positive, default=50, help="layers (default 50)")
+    parser.add_argument("--width", type=_positive, default=512, help="units per layer (512)")
+    parser.add_argument("--batch", type=_positive, default=1024, help="input rows (1024)")
+    parser.add_argument(
+        "--activations",
+        type=_names(ACTIVATION_NAMES, "activation"),
+        default=DEPTH_ACTIVATIONS,
+        help=f"comma-separated, from {','.join(ACTIVATION_NAMES)} "
+        f"(default {','.join(DEPTH_ACTIVATIONS)})",
+    )
+    parser.add_argument(
+        "--inits",
+        type=_names(DEPTH_INITS, "init"),
+        default=DEPTH_INITS,
+        help=f"comma-separated, from {','.join(DEPTH_INITS)} (default: all)",
+    )
+    parser.add_argument(
+        "--batch-norm",
+        choices=("both", "off", "on"),
+        default="both",
+        help="run without and/or with batch norm before each activation (default both)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="PRNG seed for inputs and weights (0)")
+    parser.add_argument(
+        "--saturation",
+        type=float,
+        default=0.97,
+        help="|tanh| above which a unit counts as saturated (0.97)",
+    )
+    parser.add_argument("--plot", metavar="FILE.png", help="write the std-by-depth curves here")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the depth experiment from the command line; returns the exit status.
+
+    Args:
+        argv: arguments without the program name; ``sys.argv[1:]`` if None.
+
+    Returns:
+        0 on success (argparse exits with 2 on bad arguments).
+
+    Example:
+        >>> from jaxinit.__main__ import main
+        >>> main(["--depth", "3", "--width", "8", "--batch", "16", "--activations", "relu",
+        ...       "--inits", "kaiming", "--batch-norm", "off", "--quiet"])  # doctest: +ELLIPSIS
+        activation  init ...
+        relu        kaiming(gain=1.41) ...
+        0
+    """
+    args = build_parser().parse_args(argv)
+    if not 0.0 < args.saturation < 1.0:
+        build_parser().error(f"--saturation must be in (0, 1); got {args.saturation}")
+    bn = {"both": (False, True), "off": (False,), "on": (True,)}[args.batch_norm]
+    start = time.perf_counter()
+
+    def progress(line: str) -> None:
+        print(f"{time.perf_counter() - start:6.1f}s  {line}", file=sys.stderr, flush=True)
+
+    if not args.quiet:
+        progress(
+            f"depth {args.depth}, width {args.width}, batch {args.batch}, seed {args.seed}: "
+            f"{len(args.activations) * len(args.inits) * len(bn)} configurations"
+        )
+    report = depth_report(
+        depth=args.depth,
+        width=args.width,
+        batch=args.batch,
+        activations=args.activations,
+        inits=args.inits,
+        batch_norm=bn,
+        seed=args.seed,
+        saturation=args.saturation,
+        progress=None if args.quiet else progress,
+    )
+    print(report.table(), flush=True)
+    if args.plot:
+        plot_depth(report, args.plot)
+        if not args.quiet:
+            progress(f"wrote {args.plot}")
+    if not args.quiet:
+        progress(
+            f"done: compile {report.compile_s:.2f} s, weights {report.init_s:.2f} s, "
+            f"runs {report.run_s:.2f} s"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""Flax linen modules backed by jaxinit's pure functions.
+
+``jaxinit.linen.BatchNorm`` is a drop-in for ``flax.linen.BatchNorm``: the same fields, the same
+call signature and the same variables (``params``: ``scale``, ``bias``; ``batch_stats``: ``mean``,
+``var``), so existing checkpoints load unchanged. Underneath it is :func:`jaxinit.batch_norm`:
+a stable variance, an analytic backward pass, count-weighted cross-device statistics and a NaN
+guard on the running statistics. The module only fetches variables, calls the function and stores
+the new state.
+
+Import it as a submodule: ``import jaxinit.linen as jil``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen import initializers
+
+from jaxinit._src.batch_norm import BatchNormState, batch_norm
+from jaxinit._src.moments import canonical_axes
+
+__all__ = ["BatchNorm"]
+
+Dtype = Any
+Initializer = Any
+
+
+def _promote(*dtypes: Any) -> Any:
+    """Standard JAX type promotion, whatever the ``jax_numpy_dtype_promotion`` setting."""
+    with jax.numpy_dtype_promotion("standard"):
+        return jnp.dtype(functools.reduce(jnp.promote_types, dtypes))
+
+
+def _out_dtype(x: jax.Array, params: Sequence[jax.Array | None], dtype: Dtype | None) -> Any:
+    """flax's output dtype: ``dtype`` if given, else the promotion of x and the params."""
+    if dtype is not None:
+        return jnp.dtype(dtype)
+    out = x.dtype
+    for p in params:
+        if p is not None:
+            out = _promote(out, p.dtype)
+    return jnp.dtype(out)
+
+
+class BatchNorm(nn.Module):
+    """Batch normalization for linen, a drop-in for ``flax.linen.BatchNorm``.
+
+    Same fields, call and variables as flax's module; the arithmetic is
+    :func:`jaxinit.batch_norm`. Differences, all deliberate:
+
+    * ``use_fast_variance`` defaults to False: the variance is computed stably (flax's default
+      ``E[x^2] - E[x]^2`` loses the variance far from zero mean). Set True for flax's formula.
+    * With ``axis_name`` and a ``mask``, devices are weighted by their number of valid elements
+      (exact), where flax averages per-device means with equal weights.
+    * A batch whose statistics are not finite leaves the running statistics unchanged
+      (``nan_guard``).
+    * In training mode without a mutable ``batch_stats`` collection it raises a ``ValueError``
+      that names the fix, ``mutable=['batch_stats']``.
+
+    As in flax, nothing is updated while the module is initialising (``init``), and ``axis_name``
+    is ignored then. Statistics and running averages are float32 (or wider); the output dtype is
+    ``dtype`` if given, else the promotion of the input and parameter dtypes (flax's rule).
+
+    Attributes:
+      use_running_average: normalise with the stored running statistics instead of the batch's.
+      axis: the feature axis or axes.
+      momentum: decay of the running averages (flax's convention; torch's ``m`` is ``1 - m``).
+      epsilon: added to the variance.
+      dtype: output dtype (default: promote input and params).
+      param_dtype: dtype of ``scale`` and ``bias``.
+      use_bias: learn a bias.
+      use_scale: learn a scale.
+      bias_init: bias initializer.
+      scale_init: scale initializer.
+      axis_name: named axis (``shard_map``/``pmap``) to combine statistics over.
+      axis_index_groups: groups within ``axis_name``, as in ``lax.psum``.
+      use_fast_variance: flax's unshifted ``E[x^2] - E[x]^2`` (parity only).
+      force_float32_reductions: must be True (statistics are always at least float32).
+      unbiased_running_var: store the n/(n-1) batch variance in ``var`` (torch's convention).
+      nan_guard: keep the running statistics of features whose batch statistics are not finite.
+      debias: zero-debiased running averages; adds ``batch_stats['count']``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import jaxinit.linen as jil
+      >>> bn = jil.BatchNorm(momentum=0.9)
+      >>> x = 5.0 + jax.random.normal(jax.random.key(0), (64, 3))
+      >>> variables = bn.init(jax.random.key(1), x, use_running_average=False)
+      >>> jax.tree.map(jnp.shape, variables)
+      {'batch_stats': {'mean': (3,), 'var': (3,)}, 'params': {'bias': (3,), 'scale': (3,)}}
+      >>> y, updates = bn.apply(variables, x, use_running_average=False, mutable=['batch_stats'])
+      >>> print(jnp.round(updates['batch_stats']['mean'], 1))
+      [0.5 0.5 0.5]
+      >>> y_eval = bn.apply({**variables, **updates}, x, use_running_average=True)
+    """
+
+    use_running_average: bool | None = None
+    axis: int | Sequence[int] = -1
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = initializers.zeros
+    scale_init: Initializer = initializers.ones
+    axis_name: Hashable | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = False
+    force_float32_reductions: bool = True
+    unbiased_running_var: bool = False
+    nan_guard: bool = True
+    debias: bool = False
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.typing.ArrayLike,
+        use_running_average: bool | None = None,
+        *,
+        mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """Normalise ``x`` with batch statistics (training) or the running ones.
+
+        Args:
+          x: the input, of floating dtype.
+          use_running_average: overrides the field of the same name.
+          mask: boolean array broadcastable to ``x``; statistics use only the kept elements.
+
+        Returns:
+          The normalised input, of ``x``'s shape.
+
+        Raises:
+          ValueError: in training mode (not during ``init``) when ``batch_stats`` is not
+            mutable; for ``force_float32_reductions=False``; for bad input as
+            :func:`jaxinit.batch_norm` does (axis, momentum, epsilon, mask, shapes).
+          TypeError: for a non-floating ``x``.
+        """
+        use_running_average = nn.merge_param(
+            "use_running_average", self.use_running_average, use_running_average
+        )
+        if not self.force_float32_reductions:
+            raise ValueError(
+                "force_float32_reductions=False is not supported: jaxinit.linen.BatchNorm always "
+                "computes statistics in float32 or wider"
+            )
+        x = jnp.asarray(x)
+        training = not bool(use_running_average)
+        initializing = self.is_initializing()
+        if training and not initializing and not self.is_mutable_collection("batch_stats"):
+            raise ValueError(
+                f"jaxinit.linen.BatchNorm at {self.scope.path_text or '/'!r} is in training mode "
+                "(use_running_average=False) and updates its running statistics, but the "
+                "'batch_stats' collection is not mutable. Call "
+                "`y, updates = model.apply(variables, x, mutable=['batch_stats'])` and keep "
+                "`updates['batch_stats']`, or pass use_running_average=True to evaluate."
+            )
+        feature_axes = canonical_axes(x.ndim, self.axis)
+        feature_shape = tuple(x.shape[a] for a in feature_axes)
+
+        ra_mean = self.variable(
+            "batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), feature_shape
+        )
+        ra_var = self.variable(
+            "batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), feature_shape
+        )
+        ra_count = (
+            self.variable("batch_stats", "count", lambda: jnp.zeros((), jnp.int32))
+            if self.debias
+            else None
+        )
+        scale = (
+            self.param("scale", self.scale_init, feature_shape, self.param_dtype)
+            if self.use_scale
+            else None
+        )
+        bias = (
+            self.param("bias", self.bias_init, feature_shape, self.param_dtype)
+            if self.use_bias
+            else None
+        )
+
+        out_dtype = _out_dtype(x, (scale, bias), self.dtype)
+        x_c = x.astype(_promote(x.dtype, out_dtype))
+        stat_dtype = _promote(self.param_dtype, jnp.float32)
+        state = BatchNormState(
+            ra_mean.value,
+            ra_var.value,
+            ra_count.value if ra_count is not None else jnp.zeros((), jnp.int32),
+        )
+        y, new_state = batch_norm(
+            x_c,
+            state,
+            None if scale is None else jnp.asarray(scale, stat_dtype),
+            None if bias is None else jnp.asarray(bias, stat_dtype),
+            training=training,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            axis=feature_axes,
+            axis_name=None if initializing else self.axis_name,
+            mask=mask,
+            unbiased_running_var=self.unbiased_running_var,
+            axis_index_groups=None if initializing else self.axis_index_groups,
+            nan_guard=self.nan_guard,
+            debias=self.debias,
+            fast_variance=self.use_fast_variance,
+        )
+        if training and not initializing:
+            ra_mean.value = new_state.mean
+            ra_var.value = new_state.var
+            if ra_count is not None:
+                ra_count.value = new_state.count
+        return y.astype(out_dtype)
