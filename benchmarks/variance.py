@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 import jaxinit as ji
 from jaxinit.diagnostics import _mlp
-from jaxinit.diagnostics.depth import DEPTH_ACTIVATIONS, DEPTH_INITS, _initializer
+from jaxinit.diagnostics.depth import DEPTH_ACTIVATIONS, DEPTH_INITS, _draw, _initializer
 
 RESULTS = pathlib.Path(__file__).with_name("RESULTS.md")
 START, END = "<!-- variance:start -->", "<!-- variance:end -->"
@@ -69,7 +69,7 @@ def baseline_round(depth, width, batch, seed):
         for init in DEPTH_INITS:
             init_fn, _, key = _initializer(init, activation)
             if key not in cache:
-                cache[key] = _mlp.stacked_weights(init_fn, kw, depth, width, jit=init == "lsuv")
+                cache[key] = _draw(init, init_fn, kw, depth, width)
             for bn in (False, True):
                 c, r = per_config_jit(cache[key], x, activation, bn, init == "lsuv")
                 compile_s += c

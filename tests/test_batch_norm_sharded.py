@@ -139,6 +139,27 @@ class ShardedBatchNormTest(chex.TestCase):
         self.assertEqual(len(out_sharded[1][0].sharding.device_set), N_DEV)
         chex.assert_trees_all_close(out_sharded, out_single, rtol=1e-5, atol=1e-5)
 
+    def test_explicit_mesh_batch_and_feature_sharded(self):
+        """Under jax.set_mesh with Explicit axes, batch- and feature-sharded x need no axis_name."""
+        x = _data((64, 16), seed=6, loc=50.0)
+        state = ji.batch_norm_state(16)
+        scale = jnp.linspace(0.5, 1.5, 16)
+
+        def step(x, scale):
+            def loss(x, scale):
+                y, new = ji.batch_norm(x, state, scale, training=True)
+                return jnp.sum(jnp.sin(y)), (y, new)
+
+            return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, scale)
+
+        expected = jax.jit(step)(x, scale)
+        mesh = jax.make_mesh((2, 4), ("b", "f"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+        for spec in [P("b", None), P(("b", "f"), None), P("b", "f")]:
+            with jax.set_mesh(mesh):
+                xs = jax.device_put(x, NamedSharding(mesh, spec))
+                out = jax.jit(step)(xs, scale)
+            chex.assert_trees_all_close(out, expected, rtol=1e-5, atol=1e-5)
+
     def test_axis_index_groups(self):
         x = _data((64, 6), seed=5)
         groups = [[0, 1, 2, 3], [4, 5, 6, 7]]

@@ -111,13 +111,14 @@ def test_depth_report_matches_float64_reference():
     )
     kx, kw = jax.random.split(jax.random.key(seed))
     x = np.asarray(jax.random.normal(kx, (batch, width), jnp.float32), np.float64)
-    keys = jax.random.split(kw, depth)
+    keys = jax.random.split(kw, depth)  # orthogonal (LSUV) kernels: one key per layer
     fns = {"tanh": np.tanh, "relu": lambda z: np.maximum(z, 0.0)}
     assert len(r.rows) == 8
     for row in r.rows:
         if row.init == "kaiming":
-            init = ji.kaiming_normal(nonlinearity=row.activation)
-            ws = [np.asarray(init(k, (width, width)), np.float64) for k in keys]
+            # The whole stack in one draw, fans per layer (batch_axis=0).
+            init = ji.kaiming_normal(nonlinearity=row.activation, batch_axis=0)
+            ws = list(np.asarray(init(kw, (depth, width, width)), np.float64))
         else:
             # LSUV: orthogonal, then each layer scaled to unit pre-activation variance in turn.
             ws, h = [], x

@@ -1,5 +1,8 @@
 """ji.diagnose and the plots: statistics against float64 numpy computed by hand."""
 
+import subprocess
+import sys
+
 import chex
 import flax.linen as nn
 import jax
@@ -391,3 +394,10 @@ def test_update_ratios_first_step_matches_diagnose_and_loss_falls():
     assert np.all(np.diff(r.losses) < 0)
     with pytest.raises(ValueError, match="steps must be an int >= 1"):
         ji.update_ratios(LinenMLP(), x, y, variables=v, steps=0, **kw)
+
+
+def test_import_jaxinit_loads_neither_flax_nor_matplotlib():
+    code = "import sys, jaxinit; print(sorted({'flax', 'matplotlib'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -148,8 +148,10 @@ def _update(
     new_var = new_var.astype(dtype)
     if nan_guard:
         ok = jnp.isfinite(mean) & jnp.isfinite(var) & (count > (1.0 if unbiased_running_var else 0))
-        new_mean = jnp.where(ok, new_mean, state.mean)
-        new_var = jnp.where(ok, new_var, state.var)
+        # `old + zeros_like(new)` gives the old values the new ones' sharding, so the select
+        # also type-checks when the features are split over an Explicit mesh axis.
+        new_mean = jnp.where(ok, new_mean, state.mean + jnp.zeros_like(new_mean))
+        new_var = jnp.where(ok, new_var, state.var + jnp.zeros_like(new_var))
     return BatchNormState(new_mean, new_var, state.count + jnp.ones((), state.count.dtype))
 
 
@@ -271,7 +273,18 @@ def _train_bwd(cfg: _Config, res, cts):
     if mc is not None:
         corr = jnp.where(mc, corr, 0.0)
     dx = (_bcast(ac, red) * dyc.astype(_F32) + corr).astype(x.dtype)
-    return dx, sum_dyx.astype(scale.dtype), sum_dy.astype(bias.dtype), None
+    d_scale = _same_sharding(sum_dyx.astype(scale.dtype), scale)
+    d_bias = _same_sharding(sum_dy.astype(bias.dtype), bias)
+    return _same_sharding(dx, x), d_scale, d_bias, None
+
+
+def _same_sharding(g: jax.Array, like: jax.Array) -> jax.Array:
+    """Gives a cotangent its primal's sharding type (they differ under Explicit mesh axes)."""
+    want = getattr(jax.typeof(like), "sharding", None)
+    have = getattr(jax.typeof(g), "sharding", None)
+    if want is None or have is None or getattr(want, "spec", None) == getattr(have, "spec", None):
+        return g
+    return jax.sharding.reshard(g, want.spec)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))

@@ -736,7 +736,9 @@ def orthogonal(scale: float = 1.0, column_axis: int = -1, dtype: DTypeLike = Non
             return _empty(shape, dt, out_sharding)
         n_cols = shape[column_axis]
         n_rows = math.prod(shape) // n_cols
-        q = _orthogonal_matrix(key, n_rows, n_cols, dt, scale)
+        q = _sharding.compute_once(
+            lambda k: _orthogonal_matrix(k, n_rows, n_cols, dt, scale), key, out_sharding
+        )
         rest = tuple(d for i, d in enumerate(shape) if i != column_axis % len(shape))
         q = jnp.moveaxis(q.reshape((*rest, n_cols)), -1, column_axis)
         return _sharding.place(q, out_sharding)
@@ -792,7 +794,11 @@ def delta_orthogonal(
         if math.prod(shape) == 0:
             return _empty(shape, dt, out_sharding)
         centre = tuple((k - 1) // 2 for k in shape[:-2])
-        w = jnp.zeros(shape, dt).at[centre].set(ortho(key, shape[-2:], dt))
+        w = (
+            jnp.zeros(shape, dt)
+            .at[centre]
+            .set(_sharding.compute_once(lambda k: ortho(k, shape[-2:], dt), key, out_sharding))
+        )
         return _sharding.place(w, out_sharding)
 
     return init

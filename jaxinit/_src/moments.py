@@ -206,8 +206,7 @@ def shifted_stats(
         return v if m is None else jnp.where(m, v, 0.0)
 
     if fast_variance:
-        xa, ma = fresh(x, mask)
-        s1 = jnp.sum(keep(f32(xa), ma), axis=red)
+        s1 = jnp.sum(keep(f32(x), mask), axis=red)
         xb, mb = fresh(x, mask)
         s2 = jnp.sum(keep(jnp.square(f32(xb)), mb), axis=red)
         dmean = s1 / safe_n
@@ -225,8 +224,9 @@ def shifted_stats(
     # Two independent shifted sums (each one fused read of x with a single broadcast); the
     # cancellation in s2 - s1 * dmean is of the order of ((mean - shift) / std)**2, small
     # because the shift is a sample of the data (or, with a mask, its mean).
-    xa, ma, sa = fresh(x, mask, shift)
-    s1 = jnp.sum(keep(f32(xa) - bc(sa), ma), axis=red)
+    # Only the second pass goes through the barrier: two identical barriers would be merged by
+    # CSE, and the shared `x - shift` would then be written out as a full-size temporary.
+    s1 = jnp.sum(keep(f32(x) - bc(shift), mask), axis=red)
     xb, mb, sb = fresh(x, mask, shift)
     s2 = jnp.sum(keep(jnp.square(f32(xb) - bc(sb)), mb), axis=red)
     dmean = s1 / safe_n

@@ -168,26 +168,39 @@ def _layers_shown(depth: int) -> tuple[int, ...]:
 
 
 def _initializer(init: str, activation: str) -> tuple[Callable[..., jax.Array], str, tuple]:
-    """Returns (initializer, table label, cache key) for a named init and activation."""
+    """Returns (initializer, table label, cache key) for a named init and activation.
+
+    The variance-scaling inits get ``batch_axis=0``, so one call draws the whole
+    ``(depth, width, width)`` stack with per-layer fans; orthogonal is drawn layer by layer.
+    """
     from jaxinit._src import gains, initializers
 
     fn, torch_name, _ = _mlp.ACTIVATIONS[activation]
     if init == "normal":
         return initializers.normal(1.0), "normal(1.0)", ("normal",)
     if init == "lecun_normal":
-        return initializers.lecun_normal(), "lecun_normal", ("lecun_normal",)
+        return initializers.lecun_normal(batch_axis=0), "lecun_normal", ("lecun_normal",)
     if init == "kaiming":
         gain = gains.calculate_gain(torch_name)
         label = f"kaiming(gain={gain:.3g})"
-        return initializers.kaiming_normal(nonlinearity=torch_name), label, ("kaiming", torch_name)
+        init_fn = initializers.kaiming_normal(nonlinearity=torch_name, batch_axis=0)
+        return init_fn, label, ("kaiming", torch_name)
     if init == "variance_gain":
         gain = gains.variance_gain(fn)
         label = f"variance_gain({gain:.3g})"
-        init_fn = initializers.variance_scaling(gain * gain, "fan_in", "normal")
+        init_fn = initializers.variance_scaling(gain * gain, "fan_in", "normal", batch_axis=0)
         return init_fn, label, ("variance_gain", round(gain, 12))
     if init == "lsuv":
         return initializers.orthogonal(), "lsuv(orthogonal)", ("orthogonal",)
     raise ValueError(f"init must be one of {', '.join(DEPTH_INITS)}; got {init!r}.")
+
+
+def _draw(init: str, init_fn: Callable[..., jax.Array], key: jax.Array, depth: int, width: int):
+    """The stacked ``(depth, width, width)`` kernels of one init."""
+    if init == "lsuv":
+        # Orthogonality is per layer: one jitted QR per layer (batched QR is slow on CPU).
+        return _mlp.stacked_weights(init_fn, key, depth, width, jit=True)
+    return init_fn(key, (depth, width, width), jnp.float32)
 
 
 def _check_names(values: Sequence[str], known: Sequence[str], argname: str) -> tuple[str, ...]:
@@ -299,9 +312,7 @@ def depth_report(
                 # Keep only the inits shared by every activation, to bound memory.
                 for k in [k for k in cache if len(k) > 1]:
                     del cache[k]
-                # QR is slow eagerly; the samplers of the other inits are cached by jax already.
-                jit = init == "lsuv"
-                cache[cache_key] = _mlp.stacked_weights(init_fn, kw, depth, width, jit=jit)
+                cache[cache_key] = _draw(init, init_fn, kw, depth, width)
                 cache[cache_key].block_until_ready()
                 init_s += time.perf_counter() - t0
             weights = cache[cache_key]
