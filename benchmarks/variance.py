@@ -17,6 +17,12 @@ Usage: python benchmarks/variance.py [--rounds 3] [--no-write]
 
 from __future__ import annotations
 
+import os
+
+# Before scipy's OpenBLAS loads (jax's CPU QR): its spinning threads make the 50 orthogonal draws
+# take minutes on a shared CPU. `python -m jaxinit` does the same.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import argparse
 import pathlib
 import platform
@@ -143,9 +149,9 @@ def main(argv=None) -> int:
         *[f"| {a} | {b} | {c} |" for a, b, c in rows],
         "",
         "Per-config jit bakes activation and flags into each compile, as the seeds' baseline "
-        "did (ANCHORS.md: 0.34 s of compile per configuration). The runs are the same XLA "
-        "computation in both columns; only the compile count differs. The CPU is shared, so "
-        "absolute times are noisy.",
+        "did (ANCHORS.md: 0.34 s of compile per configuration). Both columns run the same scan; "
+        "per-config jit may fold its constant activation and flags, jaxinit selects them at run "
+        "time (lax.switch/cond). The CPU is shared, so absolute times are noisy.",
         "",
         "The table `python -m jaxinit` printed (seed 0):",
         "",

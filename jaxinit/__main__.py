@@ -7,6 +7,7 @@ the activation std at a few depths, the saturated fraction (bounded activations)
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -165,5 +166,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _limit_openblas_threads() -> None:
+    """One OpenBLAS thread for jax's CPU QR (scipy's OpenBLAS, loaded at the first QR).
+
+    The orthogonal draws of the LSUV arm run 50 small QRs; on a shared CPU, OpenBLAS's spinning
+    worker threads slowed them from about 1 s to minutes. An explicit setting is kept.
+    """
+    if "scipy" not in sys.modules:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
 if __name__ == "__main__":
+    _limit_openblas_threads()
     sys.exit(main())

@@ -38,8 +38,12 @@ OTHER_INITS = {
     "constant": lambda: ji.constant(0.25),
     "zeros": lambda: ji.zeros,
     "ones": lambda: ji.ones,
+    "sparse": lambda: ji.sparse(0.5, 0.1),
+    "delta_orthogonal": lambda: ji.delta_orthogonal(),
 }
-REAL_ONLY = {"uniform", "truncated_normal"}
+# Initializers defined only for some layouts: sparse for matrices, delta_orthogonal for convs.
+ONLY_SHAPES = {"sparse": ("dense",), "delta_orthogonal": ("conv",)}
+REAL_ONLY = {"uniform", "truncated_normal", "sparse"}
 SHAPES = {"dense": (48, 32), "conv": (3, 3, 8, 16), "batched": (4, 24, 40)}
 DTYPES = {
     "f32": jnp.float32,
@@ -71,7 +75,7 @@ class ShapeDtypeTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     @parameterized.named_parameters(*_cases())
     def test_shape_dtype_finite(self, name, dtype):
-        shapes = list(SHAPES.values())
+        shapes = [SHAPES[k] for k in ONLY_SHAPES.get(name, SHAPES)]
         inits = [_build(name, shape) for shape in shapes]
         with jax.enable_x64(dtype == jnp.float64):
             outs = self.variant(

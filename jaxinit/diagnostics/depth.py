@@ -405,6 +405,8 @@ def plot_depth(report: DepthReport, path: str, *, dpi: int = 100) -> str:
             std = np.where(np.isfinite(r.std), np.maximum(r.std, tiny), np.nan)
             ax.plot(layer, std, label=f"{r.init} ({r.verdict})")
         ax.set_yscale("log")
+        lo, hi = ax.get_ylim()
+        ax.set_ylim(min(lo, 0.1), max(hi, 10.0))  # at least two decades: flat curves look flat
         ax.set_title(f"{activation}{' + BN' if bn else ''}", fontsize=9)
         ax.set_xlabel("layer", fontsize=8)
         ax.set_ylabel("activation std", fontsize=8)
