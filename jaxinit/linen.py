@@ -23,8 +23,9 @@ from flax.linen import initializers
 
 from jaxinit._src.batch_norm import BatchNormState, batch_norm
 from jaxinit._src.moments import canonical_axes
+from jaxinit.flax_sharding import init_linen_sharded as init_sharded
 
-__all__ = ["BatchNorm"]
+__all__ = ["BatchNorm", "init_sharded"]
 
 Dtype = Any
 Initializer = Any

@@ -23,8 +23,9 @@ from flax.nnx.nn import dtypes, initializers
 
 from jaxinit._src.batch_norm import BatchNormState, batch_norm
 from jaxinit._src.moments import canonical_axes
+from jaxinit.flax_sharding import create_nnx_sharded as create_sharded
 
-__all__ = ["BatchNorm"]
+__all__ = ["BatchNorm", "create_sharded"]
 
 Dtype = Any
 Initializer = Any

@@ -54,39 +54,44 @@ DTYPES = {
 }
 
 
-def _cases():
-    for init_name in [*FAN_INITS, *OTHER_INITS]:
-        for dtype_name, dtype in DTYPES.items():
-            if dtype_name == "c64" and init_name in REAL_ONLY:
-                continue
-            yield (f"{init_name}_{dtype_name}", init_name, dtype)
-
-
-def _build(name, shape):
-    if name in FAN_INITS:
-        kw = {"batch_axis": 0} if shape == SHAPES["batched"] else {}
-        return FAN_INITS[name](**kw)
-    return OTHER_INITS[name]()
+def _table(dtype_name):
+    """(name, shape, init) for every initializer x shape that is meaningful for the dtype."""
+    for name in [*FAN_INITS, *OTHER_INITS]:
+        if dtype_name == "c64" and name in REAL_ONLY:
+            continue
+        for shape_name in ONLY_SHAPES.get(name, SHAPES):
+            shape = SHAPES[shape_name]
+            if name in FAN_INITS:
+                init = FAN_INITS[name](**({"batch_axis": 0} if shape_name == "batched" else {}))
+            else:
+                init = OTHER_INITS[name]()
+            yield name, shape_name, shape, init
 
 
 class ShapeDtypeTest(chex.TestCase):
-    """Every initializer x shape (dense, conv, batched) x dtype, eagerly and under jit."""
+    """Every initializer x shape (dense, conv, batched) x dtype, eagerly and under jit.
+
+    One variant call per dtype draws the whole table (one compilation under jit), and every
+    entry is checked with its name in the message.
+    """
 
     @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.named_parameters(*_cases())
-    def test_shape_dtype_finite(self, name, dtype):
-        shapes = [SHAPES[k] for k in ONLY_SHAPES.get(name, SHAPES)]
-        inits = [_build(name, shape) for shape in shapes]
+    @parameterized.named_parameters(*((name, name) for name in DTYPES))
+    def test_shape_dtype_finite(self, dtype_name):
+        dtype = DTYPES[dtype_name]
+        table = list(_table(dtype_name))
         with jax.enable_x64(dtype == jnp.float64):
-            outs = self.variant(
-                lambda k: [init(k, shape, dtype) for init, shape in zip(inits, shapes, strict=True)]
-            )(KEY)
-            for out, shape in zip(outs, shapes, strict=True):
-                chex.assert_shape(out, shape)
-                chex.assert_type(out, dtype)
-                chex.assert_tree_all_finite(out)
+            outs = self.variant(lambda k: [init(k, shape, dtype) for _, _, shape, init in table])(
+                KEY
+            )
+            for (name, shape_name, shape, _), out in zip(table, outs, strict=True):
+                where = f"{name} on {shape_name} {shape} in {dtype_name}"
+                self.assertEqual(out.shape, shape, where)
+                self.assertEqual(out.dtype, dtype, where)
+                host = np.asarray(out.astype(jnp.complex64 if dtype_name == "c64" else jnp.float32))
+                self.assertTrue(np.isfinite(host).all(), where)
                 if name not in {"zeros", "identity", "constant", "ones"}:
-                    assert float(jnp.std(jnp.abs(out.astype(jnp.complex64)))) > 0
+                    self.assertGreater(np.abs(host).std(), 0, where)
 
 
 # ----------------------------------------------------------------------------- dtype rules

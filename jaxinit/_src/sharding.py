@@ -121,6 +121,14 @@ def sample_sharded(
         # Explicit axes: an inner jit's out_shardings would not change the type of its result
         # inside a trace; auto_axes computes under Auto axes and reshards, as jax.random does.
         auto = jax.sharding.auto_axes(fn, axes=explicit, out_sharding=out_sharding)
+        if (
+            isinstance(out_sharding, NamedSharding)
+            and jax.sharding.get_abstract_mesh().empty
+            and not is_tracer(key)
+        ):
+            # An Explicit mesh outside jax.set_mesh (jax.make_mesh's default): enter it here.
+            with jax.set_mesh(out_sharding.mesh):
+                return jax.jit(auto)(key)
         return jax.jit(auto)(key)
     return jax.jit(fn, out_shardings=out_sharding)(key)
 
@@ -146,8 +154,8 @@ def place(x: jax.Array, out_sharding: OutSharding) -> jax.Array:
       >>> import jax, jax.numpy as jnp
       >>> from jax.sharding import NamedSharding, PartitionSpec as P
       >>> mesh = jax.sharding.Mesh(jax.devices(), ("d",))
-      >>> place(jnp.ones((8, 2)), NamedSharding(mesh, P("d"))).sharding.spec
-      PartitionSpec('d',)
+      >>> place(jnp.ones((8, 2)), NamedSharding(mesh, P("d"))).sharding.spec == P("d")
+      True
     """
     check_out_sharding(out_sharding)
     if out_sharding is None:
