@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -220,8 +221,8 @@ def main(argv=None):
     if not a.quick and not a.no_write:
         cmd = "python benchmarks/batchnorm.py" + (f" --rounds {a.rounds}" if a.rounds else "")
         env = (
-            f"jax {jax.__version__}, flax {nn.__name__.split('.')[0]} "
-            f"{__import__('flax').__version__}, {platform.processor() or platform.machine()}, "
+            f"jax {jax.__version__}, flax {flax.__version__}, "
+            f"{platform.processor() or platform.machine()}, "
             f"{jax.device_count()} device(s); medians of {rounds} interleaved rounds"
         )
         text = (

@@ -151,7 +151,7 @@ def main(argv=None) -> int:
         "Per-config jit bakes activation and flags into each compile, as the seeds' baseline "
         "did (ANCHORS.md: 0.34 s of compile per configuration). Both columns run the same scan; "
         "per-config jit may fold its constant activation and flags, jaxinit selects them at run "
-        "time (lax.switch/cond). The CPU is shared, so absolute times are noisy.",
+        "time (lax.switch/cond). The machine has 2 cores; absolute times move by 10-30% between runs, ratios less.",
         "",
         "The table `python -m jaxinit` printed (seed 0):",
         "",
