@@ -250,20 +250,6 @@ def variance_scaling(
     return init
 
 
-def _named_scaling(scale: float, mode: Mode, distribution: Distribution, name: str, doc: str):
-    def builder(
-        in_axis: AxisSpec = -2,
-        out_axis: AxisSpec = -1,
-        batch_axis: AxisSpec = (),
-        dtype: DTypeLike = None,
-    ) -> Initializer:
-        return variance_scaling(scale, mode, distribution, in_axis, out_axis, batch_axis, dtype)
-
-    builder.__name__ = builder.__qualname__ = name
-    builder.__doc__ = doc
-    return builder
-
-
 _NAMED_DOC = """Builds jax's ``{name}`` initializer: ``variance_scaling({scale}, "{mode}", "{dist}")``.
 
     Bit-identical to ``jax.nn.initializers.{name}`` for the same key, shape and dtype (real
@@ -284,67 +270,47 @@ _NAMED_DOC = """Builds jax's ``{name}`` initializer: ``variance_scaling({scale},
       (3, 3, 16, 32)
     """
 
+
+def _named_scaling(name: str, scale: float, mode: Mode, dist: Distribution, extra: str = ""):
+    def builder(
+        in_axis: AxisSpec = -2,
+        out_axis: AxisSpec = -1,
+        batch_axis: AxisSpec = (),
+        dtype: DTypeLike = None,
+    ) -> Initializer:
+        return variance_scaling(scale, mode, dist, in_axis, out_axis, batch_axis, dtype)
+
+    builder.__name__ = builder.__qualname__ = name
+    builder.__doc__ = _NAMED_DOC.format(name=name, scale=scale, mode=mode, dist=dist, extra=extra)
+    return builder
+
+
+_UNTRUNCATED = "For torch's untruncated ``{}`` use :func:`{}`."
 he_normal = _named_scaling(
-    2.0,
-    "fan_in",
-    "truncated_normal",
     "he_normal",
-    _NAMED_DOC.format(
-        name="he_normal",
-        scale=2.0,
-        mode="fan_in",
-        dist="truncated_normal",
-        extra="The normal is truncated at 2 std and rescaled; for torch's untruncated "
-        "``kaiming_normal_`` use :func:`kaiming_normal`.",
-    ),
-)
-he_uniform = _named_scaling(
     2.0,
     "fan_in",
-    "uniform",
-    "he_uniform",
-    _NAMED_DOC.format(name="he_uniform", scale=2.0, mode="fan_in", dist="uniform", extra=""),
+    "truncated_normal",
+    "The normal is truncated at 2 std and rescaled. "
+    + _UNTRUNCATED.format("kaiming_normal_", "kaiming_normal"),
 )
+he_uniform = _named_scaling("he_uniform", 2.0, "fan_in", "uniform")
 glorot_normal = _named_scaling(
-    1.0,
-    "fan_avg",
-    "truncated_normal",
     "glorot_normal",
-    _NAMED_DOC.format(
-        name="glorot_normal",
-        scale=1.0,
-        mode="fan_avg",
-        dist="truncated_normal",
-        extra="For torch's untruncated ``xavier_normal_`` use :func:`xavier_normal`.",
-    ),
-)
-glorot_uniform = _named_scaling(
     1.0,
     "fan_avg",
-    "uniform",
-    "glorot_uniform",
-    _NAMED_DOC.format(name="glorot_uniform", scale=1.0, mode="fan_avg", dist="uniform", extra=""),
+    "truncated_normal",
+    _UNTRUNCATED.format("xavier_normal_", "xavier_normal"),
 )
+glorot_uniform = _named_scaling("glorot_uniform", 1.0, "fan_avg", "uniform")
 lecun_normal = _named_scaling(
+    "lecun_normal",
     1.0,
     "fan_in",
     "truncated_normal",
-    "lecun_normal",
-    _NAMED_DOC.format(
-        name="lecun_normal",
-        scale=1.0,
-        mode="fan_in",
-        dist="truncated_normal",
-        extra="This is flax's default Dense and Conv kernel initializer.",
-    ),
+    "This is flax's default Dense and Conv kernel initializer.",
 )
-lecun_uniform = _named_scaling(
-    1.0,
-    "fan_in",
-    "uniform",
-    "lecun_uniform",
-    _NAMED_DOC.format(name="lecun_uniform", scale=1.0, mode="fan_in", dist="uniform", extra=""),
-)
+lecun_uniform = _named_scaling("lecun_uniform", 1.0, "fan_in", "uniform")
 
 
 # --------------------------------------------------------------------------- torch semantics
