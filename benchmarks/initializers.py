@@ -39,43 +39,34 @@ def _raw(distribution, shape, dtype):
 def rows(n: int, ortho_sizes: list[int]):
     """(label, shape, dtype, {variant: fn(key)}) for every row of the table."""
     shape, f32 = (n, n), jnp.float32
-    named = [
-        ("he_normal", "truncated_normal"),
-        ("he_uniform", "uniform"),
-        ("glorot_normal", "truncated_normal"),
-        ("glorot_uniform", "uniform"),
-        ("lecun_normal", "truncated_normal"),
-        ("lecun_uniform", "uniform"),
-    ]
-    for name, dist in named:
-        ours, theirs = getattr(ji, name)(), getattr(jinit, name)()
-        yield (
-            name,
-            shape,
-            f32,
-            {
-                "jaxinit": lambda k, i=ours: i(k, shape, f32),
-                "jax": lambda k, i=theirs: i(k, shape, f32),
-                "raw": _raw(dist, shape, f32),
-            },
-        )
-    torch_style = [
-        ("kaiming_normal", ji.kaiming_normal(), jinit.variance_scaling(2.0, "fan_in", "normal")),
-        ("kaiming_uniform", ji.kaiming_uniform(), jinit.variance_scaling(2.0, "fan_in", "uniform")),
-        ("xavier_normal", ji.xavier_normal(), jinit.variance_scaling(1.0, "fan_avg", "normal")),
-        ("xavier_uniform", ji.xavier_uniform(), jinit.variance_scaling(1.0, "fan_avg", "uniform")),
-        ("normal", ji.normal(0.02), jinit.normal(0.02)),
-        ("uniform", ji.uniform(0.02), jinit.uniform(0.02)),
+    vs = jinit.variance_scaling
+    # (label, jaxinit initializer, the jax initializer with the same distribution, distribution)
+    pairs = [
+        *(
+            (name, getattr(ji, name)(), getattr(jinit, name)(), dist)
+            for name, dist in [
+                ("he_normal", "truncated_normal"),
+                ("he_uniform", "uniform"),
+                ("glorot_normal", "truncated_normal"),
+                ("glorot_uniform", "uniform"),
+                ("lecun_normal", "truncated_normal"),
+                ("lecun_uniform", "uniform"),
+            ]
+        ),
+        ("kaiming_normal", ji.kaiming_normal(), vs(2.0, "fan_in", "normal"), "normal"),
+        ("kaiming_uniform", ji.kaiming_uniform(), vs(2.0, "fan_in", "uniform"), "uniform"),
+        ("xavier_normal", ji.xavier_normal(), vs(1.0, "fan_avg", "normal"), "normal"),
+        ("xavier_uniform", ji.xavier_uniform(), vs(1.0, "fan_avg", "uniform"), "uniform"),
+        ("normal", ji.normal(0.02), jinit.normal(0.02), "normal"),
+        ("uniform", ji.uniform(0.02), jinit.uniform(0.02), "uniform"),
         (
             "truncated_normal",
             ji.truncated_normal(0.02),
             jinit.truncated_normal(0.02 / 0.87962566103423978),
+            "truncated_normal",
         ),
     ]
-    for name, ours, theirs in torch_style:
-        dist = (
-            "truncated_normal" if "trunc" in name else "uniform" if "uniform" in name else "normal"
-        )
+    for name, ours, theirs, dist in pairs:
         yield (
             name,
             shape,
