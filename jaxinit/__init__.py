@@ -1,7 +1,8 @@
 """jaxinit: initializers, gains, batch norm and diagnostics for JAX and Flax.
 
-Import as ``import jaxinit as ji``. The core needs only JAX; ``jaxinit.linen`` and
-``jaxinit.nnx`` hold the Flax modules.
+Import as ``import jaxinit as ji``. The core needs only JAX: flax is imported by ``jaxinit.linen``
+and ``jaxinit.nnx`` (the Flax modules) and by ``jaxinit.diagnostics.flax_models``, which the
+diagnostics load when they are given a Flax model.
 """
 
 # --- gains, fans and initializers ---
@@ -34,6 +35,7 @@ from jaxinit._src.initializers import (
 
 # --- batch norm ---
 # isort: split
+# --- torch porting ---
 from jaxinit._src.batch_norm import (
     BatchNormState,
     batch_norm,
@@ -65,8 +67,6 @@ from jaxinit.diagnostics import (
     propagation,
     update_ratios,
 )
-
-# --- torch porting ---
 from jaxinit.porting import (
     flax_to_torch_state_dict,
     torch_batch_norm_kwargs,

@@ -12,18 +12,23 @@ Import it as a submodule: ``import jaxinit.linen as jil``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.core import meta
 from flax.linen import initializers
+from jax.sharding import PartitionSpec
 
-from jaxinit._src.batch_norm import BatchNormState, batch_norm
-from jaxinit._src.moments import canonical_axes
-from jaxinit.flax_sharding import init_linen_sharded as init_sharded
+from jaxinit._src import model_sharding
+from jaxinit._src.axes import canonical_axes
+from jaxinit._src.batch_norm import BatchNormState
+from jaxinit._src.modules import call_batch_norm
+from jaxinit._src.modules import promote as _promote
 
 __all__ = ["BatchNorm", "init_sharded"]
 
@@ -31,14 +36,8 @@ Dtype = Any
 Initializer = Any
 
 
-def _promote(*dtypes: Any) -> Any:
-    """Standard JAX type promotion, whatever the ``jax_numpy_dtype_promotion`` setting."""
-    with jax.numpy_dtype_promotion("standard"):
-        return jnp.dtype(functools.reduce(jnp.promote_types, dtypes))
-
-
 def _out_dtype(x: jax.Array, params: Sequence[jax.Array | None], dtype: Dtype | None) -> Any:
-    """flax's output dtype: ``dtype`` if given, else the promotion of x and the params."""
+    """Flax's output dtype: ``dtype`` if given, else the promotion of x and the params."""
     if dtype is not None:
         return jnp.dtype(dtype)
     out = x.dtype
@@ -68,36 +67,36 @@ class BatchNorm(nn.Module):
     ``dtype`` if given, else the promotion of the input and parameter dtypes (flax's rule).
 
     Attributes:
-      use_running_average: normalise with the stored running statistics instead of the batch's.
-      axis: the feature axis or axes.
-      momentum: decay of the running averages (flax's convention; torch's ``m`` is ``1 - m``).
-      epsilon: added to the variance.
-      dtype: output dtype (default: promote input and params).
-      param_dtype: dtype of ``scale`` and ``bias``.
-      use_bias: learn a bias.
-      use_scale: learn a scale.
-      bias_init: bias initializer.
-      scale_init: scale initializer.
-      axis_name: named axis (``shard_map``/``pmap``) to combine statistics over.
-      axis_index_groups: groups within ``axis_name``, as in ``lax.psum``.
-      use_fast_variance: flax's unshifted ``E[x^2] - E[x]^2`` (parity only).
-      force_float32_reductions: must be True (statistics are always at least float32).
-      unbiased_running_var: store the n/(n-1) batch variance in ``var`` (torch's convention).
-      nan_guard: keep the running statistics of features whose batch statistics are not finite.
-      debias: zero-debiased running averages; adds ``batch_stats['count']``.
+        use_running_average: normalise with the stored running statistics instead of the batch's.
+        axis: the feature axis or axes.
+        momentum: decay of the running averages (flax's convention; torch's ``m`` is ``1 - m``).
+        epsilon: added to the variance.
+        dtype: output dtype (default: promote input and params).
+        param_dtype: dtype of ``scale`` and ``bias``.
+        use_bias: learn a bias.
+        use_scale: learn a scale.
+        bias_init: bias initializer.
+        scale_init: scale initializer.
+        axis_name: named axis (``shard_map``/``pmap``) to combine statistics over.
+        axis_index_groups: groups within ``axis_name``, as in ``lax.psum``.
+        use_fast_variance: flax's unshifted ``E[x^2] - E[x]^2`` (parity only).
+        force_float32_reductions: must be True (statistics are always at least float32).
+        unbiased_running_var: store the n/(n-1) batch variance in ``var`` (torch's convention).
+        nan_guard: keep the running statistics of features whose batch statistics are not finite.
+        debias: zero-debiased running averages; adds ``batch_stats['count']``.
 
     Example:
-      >>> import jax, jax.numpy as jnp
-      >>> import jaxinit.linen as jil
-      >>> bn = jil.BatchNorm(momentum=0.9)
-      >>> x = 5.0 + jax.random.normal(jax.random.key(0), (64, 3))
-      >>> variables = bn.init(jax.random.key(1), x, use_running_average=False)
-      >>> jax.tree.map(jnp.shape, variables)
-      {'batch_stats': {'mean': (3,), 'var': (3,)}, 'params': {'bias': (3,), 'scale': (3,)}}
-      >>> y, updates = bn.apply(variables, x, use_running_average=False, mutable=['batch_stats'])
-      >>> print(jnp.round(updates['batch_stats']['mean'], 1))
-      [0.5 0.5 0.5]
-      >>> y_eval = bn.apply({**variables, **updates}, x, use_running_average=True)
+        >>> import jax, jax.numpy as jnp
+        >>> import jaxinit.linen as jil
+        >>> bn = jil.BatchNorm(momentum=0.9)
+        >>> x = 5.0 + jax.random.normal(jax.random.key(0), (64, 3))
+        >>> variables = bn.init(jax.random.key(1), x, use_running_average=False)
+        >>> jax.tree.map(jnp.shape, variables)
+        {'batch_stats': {'mean': (3,), 'var': (3,)}, 'params': {'bias': (3,), 'scale': (3,)}}
+        >>> y, updates = bn.apply(variables, x, use_running_average=False, mutable=['batch_stats'])
+        >>> print(jnp.round(updates['batch_stats']['mean'], 1))
+        [0.5 0.5 0.5]
+        >>> y_eval = bn.apply({**variables, **updates}, x, use_running_average=True)
     """
 
     use_running_average: bool | None = None
@@ -129,18 +128,18 @@ class BatchNorm(nn.Module):
         """Normalise ``x`` with batch statistics (training) or the running ones.
 
         Args:
-          x: the input, of floating dtype.
-          use_running_average: overrides the field of the same name.
-          mask: boolean array broadcastable to ``x``; statistics use only the kept elements.
+            x: the input, of floating dtype.
+            use_running_average: overrides the field of the same name.
+            mask: boolean array broadcastable to ``x``; statistics use only the kept elements.
 
         Returns:
-          The normalised input, of ``x``'s shape.
+            The normalised input, of ``x``'s shape.
 
         Raises:
-          ValueError: in training mode (not during ``init``) when ``batch_stats`` is not
-            mutable; for ``force_float32_reductions=False``; for bad input as
-            :func:`jaxinit.batch_norm` does (axis, momentum, epsilon, mask, shapes).
-          TypeError: for a non-floating ``x``.
+            ValueError: in training mode (not during ``init``) when ``batch_stats`` is not
+              mutable; for ``force_float32_reductions=False``; for bad input as
+              :func:`jaxinit.batch_norm` does (axis, momentum, epsilon, mask, shapes).
+            TypeError: for a non-floating ``x``.
         """
         use_running_average = nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average
@@ -194,22 +193,18 @@ class BatchNorm(nn.Module):
             ra_var.value,
             ra_count.value if ra_count is not None else jnp.zeros((), jnp.int32),
         )
-        y, new_state = batch_norm(
+        y, new_state = call_batch_norm(
+            self,
             x_c,
             state,
-            None if scale is None else jnp.asarray(scale, stat_dtype),
-            None if bias is None else jnp.asarray(bias, stat_dtype),
+            scale,
+            bias,
+            stat_dtype=stat_dtype,
             training=training,
-            momentum=self.momentum,
-            epsilon=self.epsilon,
-            axis=feature_axes,
-            axis_name=None if initializing else self.axis_name,
+            feature_axes=feature_axes,
             mask=mask,
-            unbiased_running_var=self.unbiased_running_var,
+            axis_name=None if initializing else self.axis_name,
             axis_index_groups=None if initializing else self.axis_index_groups,
-            nan_guard=self.nan_guard,
-            debias=self.debias,
-            fast_variance=self.use_fast_variance,
         )
         if training and not initializing:
             ra_mean.value = new_state.mean
@@ -217,3 +212,82 @@ class BatchNorm(nn.Module):
             if ra_count is not None:
                 ra_count.value = new_state.count
         return y.astype(out_dtype)
+
+
+# --------------------------------------------------------------------------- sharded init
+
+
+@contextlib.contextmanager
+def logical_context(mesh: jax.sharding.Mesh, rules: tuple[tuple[str, Any], ...]) -> Iterator[None]:
+    """``mesh`` set and ``rules`` in force, as sharded initialization traces the model."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
+
+
+def init_sharded(
+    module: nn.Module,
+    rngs: Any,
+    *args: Any,
+    mesh: jax.sharding.Mesh,
+    rules: model_sharding.LogicalRules | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Runs ``module.init(rngs, *args, **kwargs)`` with every variable created on its sharding.
+
+    Each variable's sharding comes from its annotation: ``nn.with_partitioning`` names mesh axes;
+    ``nn.with_logical_partitioning`` names logical axes that ``rules`` (or the box's own rules, or
+    an enclosing ``nn.logical_axis_rules``) map to mesh axes; unannotated variables are
+    replicated. The shapes are found with ``jax.eval_shape`` (no memory), then ``module.init``
+    runs under ``jax.jit`` with those shardings as ``out_shardings``, so no device holds more
+    than its shards of a partitionable initializer. The values equal an unsharded
+    ``module.init`` with the same rngs.
+
+    Args:
+        module: a ``flax.linen.Module``.
+        rngs: a PRNG key or a dict of keys, as for ``module.init``.
+        *args: example inputs, as for ``module.init`` (init runs for real, so arrays, not
+            ``jax.ShapeDtypeStruct``).
+        mesh: the device mesh.
+        rules: ``(logical_name, mesh_axes)`` pairs for logically partitioned variables.
+        **kwargs: keyword arguments of ``module.init`` (e.g. ``train=False``, ``method=...``).
+
+    Returns:
+        The variables, as ``module.init`` returns them (annotated leaves stay boxed in
+        ``nn.Partitioned``; ``flax.linen.meta.unbox`` strips the boxes), laid out on ``mesh``.
+
+    Raises:
+        TypeError: ``mesh`` is not a ``jax.sharding.Mesh`` or ``rules`` is not a sequence of pairs.
+        ValueError: an annotation names an axis that is not on the mesh (after the rules).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxinit as ji
+        >>> import jaxinit.linen as jil
+        >>> mesh = jax.make_mesh((2, 4), ("data", "model"))
+        >>> dense = nn.Dense(64, kernel_init=nn.with_partitioning(ji.he_normal(), (None, "model")))
+        >>> v = jil.init_sharded(dense, jax.random.key(0), jnp.ones((1, 16)), mesh=mesh)
+        >>> v["params"]["kernel"].value.sharding.spec == jax.P(None, "model")
+        True
+    """
+    who = "init_sharded"
+    model_sharding.check_mesh(mesh, who)
+    rules_t = model_sharding.check_rules(rules, who)
+    init = functools.partial(module.init, **kwargs)
+
+    def leaf_spec(path: Any, x: Any) -> PartitionSpec:
+        if isinstance(x, nn.LogicallyPartitioned):
+            box_rules = x.rules if x.rules is not None else ()
+            composite = tuple(rules_t) + tuple(box_rules) or nn.get_logical_axis_rules()
+            spec = nn.logical_to_mesh_axes(x.names, composite)
+        elif isinstance(x, meta.Partitioned):
+            spec = x.get_partition_spec()
+        else:
+            spec = PartitionSpec()
+        model_sharding.check_spec(spec, mesh, jax.tree_util.keystr(path), who)
+        return spec
+
+    with logical_context(model_sharding.auto_mesh(mesh), rules_t):
+        abstract = jax.eval_shape(init, rngs, *args)
+        specs = jax.tree_util.tree_map_with_path(
+            leaf_spec, abstract, is_leaf=lambda x: isinstance(x, meta.AxisMetadata)
+        )
+        return model_sharding.run_sharded(init, specs, mesh, rngs, *args)

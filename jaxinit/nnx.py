@@ -11,7 +11,6 @@ Import it as a submodule: ``import jaxinit.nnx as jnnx``.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Hashable, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -20,10 +19,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes, initializers
+from jax.sharding import PartitionSpec
 
-from jaxinit._src.batch_norm import BatchNormState, batch_norm
-from jaxinit._src.moments import canonical_axes
-from jaxinit.flax_sharding import create_nnx_sharded as create_sharded
+from jaxinit._src import model_sharding
+from jaxinit._src.axes import canonical_axes
+from jaxinit._src.batch_norm import BatchNormState
+from jaxinit._src.modules import call_batch_norm
+from jaxinit._src.modules import promote as _promote
+from jaxinit.linen import logical_context
 
 __all__ = ["BatchNorm", "create_sharded"]
 
@@ -31,12 +34,6 @@ Dtype = Any
 Initializer = Any
 _ZEROS = initializers.zeros_init()
 _ONES = initializers.ones_init()
-
-
-def _promote(*dtypes: Any) -> Any:
-    """Standard JAX type promotion, whatever the ``jax_numpy_dtype_promotion`` setting."""
-    with jax.numpy_dtype_promotion("standard"):
-        return jnp.dtype(functools.reduce(jnp.promote_types, dtypes))
 
 
 _NO_MODE = (
@@ -61,42 +58,42 @@ class BatchNorm(nnx.Module):
     output). Statistics are always computed in float32 or wider.
 
     Args:
-      num_features: the number of features (size of the feature axis).
-      use_running_average: normalise with the running statistics (eval) instead of the batch's.
-      axis: the feature axis.
-      momentum: decay of the running averages (flax's convention; torch's ``m`` is ``1 - m``).
-      epsilon: added to the variance.
-      dtype: output dtype (default: promote input, statistics and params).
-      param_dtype: dtype of ``scale`` and ``bias``.
-      use_bias: learn a bias.
-      use_scale: learn a scale.
-      bias_init: bias initializer.
-      scale_init: scale initializer.
-      axis_name: named axis (``shard_map``/``pmap``) to combine statistics over.
-      axis_index_groups: groups within ``axis_name``, as in ``lax.psum``.
-      use_fast_variance: flax's unshifted ``E[x^2] - E[x]^2`` (parity only).
-      promote_dtype: flax's hook that casts ``(x, mean, var, scale, bias)`` to a common dtype
-        (``dtype`` when given) before normalising.
-      unbiased_running_var: store the n/(n-1) batch variance in ``var`` (torch's convention).
-      nan_guard: keep the running statistics of features whose batch statistics are not finite.
-      debias: zero-debiased running averages; adds an ``nnx.BatchStat`` ``count``.
-      rngs: the ``nnx.Rngs`` for the parameter initializers.
-      bias_metadata: metadata for the bias ``nnx.Param``.
-      scale_metadata: metadata for the scale ``nnx.Param``.
+        num_features: the number of features (size of the feature axis).
+        use_running_average: normalise with the running statistics (eval) instead of the batch's.
+        axis: the feature axis.
+        momentum: decay of the running averages (flax's convention; torch's ``m`` is ``1 - m``).
+        epsilon: added to the variance.
+        dtype: output dtype (default: promote input, statistics and params).
+        param_dtype: dtype of ``scale`` and ``bias``.
+        use_bias: learn a bias.
+        use_scale: learn a scale.
+        bias_init: bias initializer.
+        scale_init: scale initializer.
+        axis_name: named axis (``shard_map``/``pmap``) to combine statistics over.
+        axis_index_groups: groups within ``axis_name``, as in ``lax.psum``.
+        use_fast_variance: flax's unshifted ``E[x^2] - E[x]^2`` (parity only).
+        promote_dtype: flax's hook that casts ``(x, mean, var, scale, bias)`` to a common dtype
+          (``dtype`` when given) before normalising.
+        unbiased_running_var: store the n/(n-1) batch variance in ``var`` (torch's convention).
+        nan_guard: keep the running statistics of features whose batch statistics are not finite.
+        debias: zero-debiased running averages; adds an ``nnx.BatchStat`` ``count``.
+        rngs: the ``nnx.Rngs`` for the parameter initializers.
+        bias_metadata: metadata for the bias ``nnx.Param``.
+        scale_metadata: metadata for the scale ``nnx.Param``.
 
     Example:
-      >>> import jax, jax.numpy as jnp
-      >>> from flax import nnx
-      >>> import jaxinit.nnx as jnnx
-      >>> bn = jnnx.BatchNorm(3, momentum=0.9, rngs=nnx.Rngs(0))
-      >>> x = 5.0 + jax.random.normal(jax.random.key(0), (64, 3))
-      >>> y = bn(x)  # training mode by default: updates the running statistics
-      >>> print(jnp.round(bn.mean[...], 1))
-      [0.5 0.5 0.5]
-      >>> bn.eval()
-      >>> y_eval = bn(x)  # normalised with the running statistics
-      >>> print(jnp.round(bn.mean[...], 1))
-      [0.5 0.5 0.5]
+        >>> import jax, jax.numpy as jnp
+        >>> from flax import nnx
+        >>> import jaxinit.nnx as jnnx
+        >>> bn = jnnx.BatchNorm(3, momentum=0.9, rngs=nnx.Rngs(0))
+        >>> x = 5.0 + jax.random.normal(jax.random.key(0), (64, 3))
+        >>> y = bn(x)  # training mode by default: updates the running statistics
+        >>> print(jnp.round(bn.mean[...], 1))
+        [0.5 0.5 0.5]
+        >>> bn.eval()
+        >>> y_eval = bn(x)  # normalised with the running statistics
+        >>> print(jnp.round(bn.mean[...], 1))
+        [0.5 0.5 0.5]
     """
 
     def __init__(
@@ -171,17 +168,17 @@ class BatchNorm(nnx.Module):
         """Normalise ``x`` with batch statistics (training) or the running ones (eval).
 
         Args:
-          x: the input, of floating dtype, with ``num_features`` along ``axis``.
-          use_running_average: overrides the attribute of the same name for this call.
-          mask: boolean array broadcastable to ``x``; statistics use only the kept elements.
+            x: the input, of floating dtype, with ``num_features`` along ``axis``.
+            use_running_average: overrides the attribute of the same name for this call.
+            mask: boolean array broadcastable to ``x``; statistics use only the kept elements.
 
         Returns:
-          The normalised input, of ``x``'s shape.
+            The normalised input, of ``x``'s shape.
 
         Raises:
-          ValueError: when neither the call nor the module sets ``use_running_average``; for bad
-            input as :func:`jaxinit.batch_norm` does (axis, momentum, epsilon, mask, shapes).
-          TypeError: for a non-floating ``x``.
+            ValueError: when neither the call nor the module sets ``use_running_average``; for bad
+              input as :func:`jaxinit.batch_norm` does (axis, momentum, epsilon, mask, shapes).
+            TypeError: for a non-floating ``x``.
         """
         if use_running_average is None:
             use_running_average = self.use_running_average
@@ -204,22 +201,18 @@ class BatchNorm(nnx.Module):
             state = BatchNormState(self.mean[...], self.var[...], count)
         else:
             state = BatchNormState(mean_p.astype(stat_dtype), var_p.astype(stat_dtype), count)
-        y, new_state = batch_norm(
+        y, new_state = call_batch_norm(
+            self,
             x_p,
             state,
-            None if scale is None else jnp.asarray(scale, stat_dtype),
-            None if bias is None else jnp.asarray(bias, stat_dtype),
+            scale,
+            bias,
+            stat_dtype=stat_dtype,
             training=training,
-            momentum=self.momentum,
-            epsilon=self.epsilon,
-            axis=feature_axes,
-            axis_name=self.axis_name,
+            feature_axes=feature_axes,
             mask=mask,
-            unbiased_running_var=self.unbiased_running_var,
+            axis_name=self.axis_name,
             axis_index_groups=self.axis_index_groups,
-            nan_guard=self.nan_guard,
-            debias=self.debias,
-            fast_variance=self.use_fast_variance,
         )
         if training:
             new_state = jax.lax.stop_gradient(new_state)
@@ -233,7 +226,83 @@ class BatchNorm(nnx.Module):
         """Used by ``nnx.view``: set ``use_running_average`` when given.
 
         Args:
-          use_running_average: True for eval mode (running statistics), False for training.
+            use_running_average: True for eval mode (running statistics), False for training.
         """
         if use_running_average is not None:
             self.use_running_average = use_running_average
+
+
+# --------------------------------------------------------------------------- sharded init
+
+
+def create_sharded(
+    model_factory: Callable[[], nnx.Module],
+    mesh: jax.sharding.Mesh,
+    rules: model_sharding.LogicalRules | None = None,
+) -> nnx.Module:
+    """Creates an nnx model with every variable created directly on its sharding.
+
+    flax's recipe for sharded nnx models: ``nnx.eval_shape`` builds the model abstractly (no
+    memory), ``nnx.get_partition_spec`` reads each variable's ``out_sharding`` metadata (set by
+    ``nnx.with_partitioning`` or ``nnx.Param(..., out_sharding=...)``; logical names are mapped
+    with ``rules``), and the factory then runs under ``jax.jit`` with those shardings as
+    ``out_shardings``. Unannotated variables (including RNG state) are replicated. The values
+    equal ``model_factory()`` run on one device.
+
+    Args:
+        model_factory: a function of no arguments returning an ``nnx.Module`` (e.g.
+            ``lambda: MyModel(rngs=nnx.Rngs(0))``); it is traced twice, so it must be pure.
+        mesh: the device mesh.
+        rules: ``(logical_name, mesh_axes)`` pairs for logically named variables.
+
+    Returns:
+        The model, its arrays laid out on ``mesh``.
+
+    Raises:
+        TypeError: ``mesh`` is not a ``jax.sharding.Mesh``, ``rules`` is not a sequence of pairs,
+            or the factory does not return an ``nnx.Module``.
+        ValueError: an annotation names an axis that is not on the mesh (after the rules).
+
+    Example:
+        >>> import jax, jaxinit as ji
+        >>> from flax import nnx
+        >>> import jaxinit.nnx as jnnx
+        >>> mesh = jax.make_mesh((2, 4), ("data", "model"))
+        >>> init = nnx.with_partitioning(ji.he_normal(), (None, "model"))
+        >>> model = jnnx.create_sharded(
+        ...     lambda: nnx.Linear(16, 64, kernel_init=init, rngs=nnx.Rngs(0)), mesh)
+        >>> model.kernel[...].sharding.spec == jax.P(None, "model")
+        True
+    """
+    who = "create_sharded"
+    model_sharding.check_mesh(mesh, who)
+    rules_t = model_sharding.check_rules(rules, who)
+    if not callable(model_factory):
+        raise TypeError(f"{who}: model_factory must be callable, got {model_factory!r}.")
+
+    def leaves_of_new_model() -> list[Any]:
+        return jax.tree_util.tree_leaves(nnx.split(model_factory())[1])
+
+    with logical_context(model_sharding.auto_mesh(mesh), rules_t), nnx.use_eager_sharding(False):
+        abstract_model = nnx.eval_shape(model_factory)
+        if not isinstance(abstract_model, nnx.Module):
+            raise TypeError(
+                f"{who}: model_factory returned {type(abstract_model).__name__}, expected an "
+                "nnx.Module."
+            )
+        graphdef, abstract_state = nnx.split(abstract_model)
+        specs = nnx.get_partition_spec(abstract_state)
+        leaf_specs = []
+        for path, spec in jax.tree_util.tree_leaves_with_path(
+            specs, is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None
+        ):
+            spec = PartitionSpec() if spec is None else spec
+            model_sharding.check_spec(spec, mesh, jax.tree_util.keystr(path), who)
+            leaf_specs.append(spec)
+        leaves, treedef = jax.tree_util.tree_flatten(abstract_state)
+        if len(leaves) != len(leaf_specs):
+            raise ValueError(
+                f"{who}: found {len(leaf_specs)} partition specs for {len(leaves)} arrays."
+            )
+        new_leaves = model_sharding.run_sharded(leaves_of_new_model, leaf_specs, mesh)
+    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, new_leaves))

@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxinit._src.axes import canonical_axes
 from jaxinit._src.moments import (
     Moments,
     all_reduce_stats,
-    canonical_axes,
     check_float_input,
     fresh,
     prepare_mask,

@@ -8,27 +8,11 @@ receptive field (the spatial axes of a convolution kernel). ``fan_in = in_size *
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Sequence
 
+from jaxinit._src.axes import axis_tuple, canonical_axes
+
 AxisSpec = int | Sequence[int]
-
-
-def _axes_tuple(axes: AxisSpec, name: str) -> tuple[int, ...]:
-    """Returns ``axes`` as a tuple of ints, raising ValueError for anything else."""
-    if isinstance(axes, bool):
-        raise ValueError(f"{name} must be an int or a sequence of ints, got {axes!r}.")
-    try:
-        return (operator.index(axes),)  # type: ignore[arg-type]
-    except TypeError:
-        pass
-    try:
-        out = tuple(operator.index(a) for a in axes)  # type: ignore[union-attr]
-    except TypeError:
-        raise ValueError(f"{name} must be an int or a sequence of ints, got {axes!r}.") from None
-    if any(isinstance(a, bool) for a in axes):  # type: ignore[union-attr]
-        raise ValueError(f"{name} must be an int or a sequence of ints, got {axes!r}.")
-    return out
 
 
 def validate_axes(in_axis: AxisSpec, out_axis: AxisSpec, batch_axis: AxisSpec) -> None:
@@ -38,9 +22,9 @@ def validate_axes(in_axis: AxisSpec, out_axis: AxisSpec, batch_axis: AxisSpec) -
     overlaps whatever the rank). Out-of-range and mixed-sign overlaps are checked with the shape.
     """
     named = {
-        "in_axis": _axes_tuple(in_axis, "in_axis"),
-        "out_axis": _axes_tuple(out_axis, "out_axis"),
-        "batch_axis": _axes_tuple(batch_axis, "batch_axis"),
+        "in_axis": axis_tuple(in_axis, "in_axis"),
+        "out_axis": axis_tuple(out_axis, "out_axis"),
+        "batch_axis": axis_tuple(batch_axis, "batch_axis"),
     }
     seen: dict[int, str] = {}
     for name, axes in named.items():
@@ -52,18 +36,6 @@ def validate_axes(in_axis: AxisSpec, out_axis: AxisSpec, batch_axis: AxisSpec) -
                     "each axis may be named at most once."
                 )
             seen[a] = name
-
-
-def _normalize(axes: tuple[int, ...], ndim: int, name: str, shape: tuple[int, ...]) -> list[int]:
-    out = []
-    for a in axes:
-        if not -ndim <= a < ndim:
-            raise ValueError(
-                f"{name}={a} is out of range for a shape of rank {ndim} {shape}; "
-                f"expected an axis in [{-ndim}, {ndim - 1}]."
-            )
-        out.append(a % ndim)
-    return out
 
 
 def compute_fans(
@@ -79,24 +51,24 @@ def compute_fans(
     (e.g. stacked layers) are ignored.
 
     Args:
-      shape: the kernel shape.
-      in_axis: axis or axes holding the inputs.
-      out_axis: axis or axes holding the outputs.
-      batch_axis: axis or axes to ignore.
+        shape: the kernel shape.
+        in_axis: axis or axes holding the inputs.
+        out_axis: axis or axes holding the outputs.
+        batch_axis: axis or axes to ignore.
 
     Returns:
-      ``(fan_in, fan_out)`` as Python ints.
+        ``(fan_in, fan_out)`` as Python ints.
 
     Raises:
-      ValueError: if an axis is out of range, named twice, or the shape has rank < 2 while the
-        default ``in_axis=-2`` is used.
+        ValueError: if an axis is out of range, named twice, or the shape has rank < 2 while the
+          default ``in_axis=-2`` is used.
 
     Example:
-      >>> import jaxinit as ji
-      >>> ji.compute_fans((3, 3, 16, 32))
-      (144, 288)
-      >>> ji.compute_fans((4, 8, 16), batch_axis=0)
-      (8, 16)
+        >>> import jaxinit as ji
+        >>> ji.compute_fans((3, 3, 16, 32))
+        (144, 288)
+        >>> ji.compute_fans((4, 8, 16), batch_axis=0)
+        (8, 16)
     """
     shape = tuple(int(d) for d in shape)
     ndim = len(shape)
@@ -109,9 +81,8 @@ def compute_fans(
             "pass in_axis/out_axis explicitly (e.g. in_axis=(), out_axis=0)."
         )
     groups = {
-        "in_axis": _normalize(_axes_tuple(in_axis, "in_axis"), ndim, "in_axis", shape),
-        "out_axis": _normalize(_axes_tuple(out_axis, "out_axis"), ndim, "out_axis", shape),
-        "batch_axis": _normalize(_axes_tuple(batch_axis, "batch_axis"), ndim, "batch_axis", shape),
+        name: canonical_axes(ndim, axes, name, shape)
+        for name, axes in (("in_axis", in_axis), ("out_axis", out_axis), ("batch_axis", batch_axis))
     }
     owner: dict[int, str] = {}
     for name, axes in groups.items():

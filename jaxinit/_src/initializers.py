@@ -1,20 +1,23 @@
 """Initializers speaking jax's protocol ``init(key, shape, dtype=None, out_sharding=None)``.
 
 Every builder validates its arguments when it is called, so a typo fails at model definition rather
-than inside a jitted init. The returned initializers honour the requested dtype (``None`` means
-float32, also with x64 enabled), return an empty array for zero-size shapes, and lay their output
-out on ``out_sharding`` for Auto and Explicit meshes alike.
+than inside a jitted init. One wrapper, :func:`_initializer`, gives every initializer the same
+call: the shape is checked, the requested dtype wins (``None`` means float32, also with x64
+enabled), a zero-size shape gives an empty array, and the result is laid out on ``out_sharding``
+(Auto and Explicit meshes alike) with a full-rank ``PartitionSpec``.
 
-The variance-scaling family (``variance_scaling``, ``he_*``, ``glorot_*``, ``lecun_*``) draws the
-same bits as ``jax.nn.initializers`` for real dtypes; ``kaiming_*`` and ``xavier_*`` follow
-``torch.nn.init`` (untruncated normals, torch's gain table).
+Random draws for float32 and float64 are jax's bits: the variance-scaling family equals
+``jax.nn.initializers`` for the same key. For bfloat16 and float16 jax draws the uniform bits in the
+16-bit dtype, so a bf16 normal takes only 128 distinct values; jaxinit draws in float32 and casts,
+which fills the 16-bit grid. ``draw_dtype=`` names the dtype to draw in, e.g. ``jnp.bfloat16`` to
+reproduce jax's 16-bit numbers exactly.
 """
 
 from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import jax
@@ -30,53 +33,31 @@ Shape = Sequence[int]
 DTypeLike = Any
 Mode = Literal["fan_in", "fan_out", "fan_avg", "fan_geo_avg"]
 Distribution = Literal["normal", "truncated_normal", "uniform"]
+Sampler = Callable[[jax.Array, tuple[int, ...], np.dtype], jax.Array]
 
 _MODES = ("fan_in", "fan_out", "fan_avg", "fan_geo_avg")
 _DISTRIBUTIONS = ("normal", "truncated_normal", "uniform")
 
-# Standard deviation of a standard normal truncated to (-2, 2), as jax uses it.
+# jax's literal for the std of N(0, 1) truncated to (-2, 2), kept to the digit for bit-identity.
 _TRUNC2_STD = 0.87962566103423978
 # RMS of jax's complex normal whose modulus is truncated at 2 (|z|^2 ~ Exp(1) truncated at 4):
 # sqrt((1 - 5 e^-4) / (1 - e^-4)). jax divides by sqrt(1 - e^-4) instead, 0.9% too small.
 _COMPLEX_TRUNC2_STD = math.sqrt((1.0 - 5.0 * math.exp(-4.0)) / (1.0 - math.exp(-4.0)))
 
-__all__ = [
-    "Initializer",
-    "constant",
-    "delta_orthogonal",
-    "glorot_normal",
-    "glorot_uniform",
-    "he_normal",
-    "he_uniform",
-    "identity",
-    "kaiming_normal",
-    "kaiming_uniform",
-    "lecun_normal",
-    "lecun_uniform",
-    "normal",
-    "ones",
-    "orthogonal",
-    "sparse",
-    "truncated_normal",
-    "uniform",
-    "variance_scaling",
-    "xavier_normal",
-    "xavier_uniform",
-    "zeros",
-]
-
 
 # --------------------------------------------------------------------------- argument checks
 
 
-def _check_dtype(dtype: DTypeLike, who: str, allow_complex: bool = True) -> np.dtype | None:
+def _check_dtype(
+    dtype: DTypeLike, who: str, allow_complex: bool = True, hint: str = ""
+) -> np.dtype | None:
     """Canonicalises a requested dtype; None stays None. Integer and bool dtypes are a TypeError."""
     if dtype is None:
         return None
     try:
         dt = jnp.dtype(dtype)
     except TypeError:
-        raise TypeError(f"{who}: dtype={dtype!r} is not a dtype.") from None
+        raise TypeError(f"{who}: dtype={dtype!r} is not a dtype.{hint}") from None
     if not jnp.issubdtype(dt, jnp.inexact):
         raise TypeError(
             f"{who}: dtype={dt} is not a floating or complex dtype; initializers produce "
@@ -92,6 +73,13 @@ def _resolve_dtype(dtype: DTypeLike, default: np.dtype | None, who: str, **kw: b
     return jnp.dtype(jnp.float32) if dt is None else dt
 
 
+def _check_draw_dtype(draw_dtype: DTypeLike, who: str) -> np.dtype | None:
+    dt = _check_dtype(draw_dtype, who, allow_complex=False)
+    if dt is not None and not jnp.issubdtype(dt, jnp.floating):
+        raise TypeError(f"{who}: draw_dtype={dt} must be a real floating dtype.")
+    return dt
+
+
 def _check_shape(shape: Shape, who: str) -> tuple[int, ...]:
     try:
         out = tuple(operator.index(d) for d in shape)
@@ -102,11 +90,32 @@ def _check_shape(shape: Shape, who: str) -> tuple[int, ...]:
     return out
 
 
-def _check_nonneg(value: Any, name: str, who: str) -> float:
+def _is_dtype_like(value: Any) -> bool:
+    """Whether ``value`` names a dtype (a dtype, a scalar type or its name), not a number."""
+    if isinstance(value, bool | int | float | np.number):
+        return False
     try:
-        v = float(value)
+        jnp.dtype(value)
+    except TypeError:
+        return False
+    return value is not None
+
+
+def _check_number(value: Any, name: str, who: str) -> float:
+    """``value`` as a float; a dtype passed here (jax's positional order) is a TypeError."""
+    if _is_dtype_like(value):
+        raise TypeError(
+            f"{who}: {name}={value!r} is a dtype, not a number; pass the dtype as dtype= "
+            f"(or in jax's position for {who})."
+        )
+    try:
+        return float(value)
     except (TypeError, ValueError):
         raise ValueError(f"{who}: {name} must be a real number, got {value!r}.") from None
+
+
+def _check_nonneg(value: Any, name: str, who: str) -> float:
+    v = _check_number(value, name, who)
     if not math.isfinite(v) or v < 0:
         raise ValueError(f"{who}: {name} must be finite and >= 0, got {value!r}.")
     return v
@@ -119,6 +128,11 @@ def _check_choice(value: str, choices: Sequence[str], name: str, who: str) -> No
         )
 
 
+def _check_rank(shape: tuple[int, ...], ranks: Sequence[int], who: str, expected: str) -> None:
+    if len(shape) not in ranks:
+        raise ValueError(f"{who}: shape {shape} has rank {len(shape)}; expected {expected}.")
+
+
 def _is_complex(dtype: np.dtype) -> bool:
     return bool(jnp.issubdtype(dtype, jnp.complexfloating))
 
@@ -127,8 +141,70 @@ def _real_dtype(dtype: np.dtype) -> np.dtype:
     return jnp.dtype(jnp.finfo(dtype).dtype)
 
 
-def _empty(shape: tuple[int, ...], dtype: np.dtype, out_sharding: Any) -> jax.Array:
-    return _sharding.place(jnp.zeros(shape, dtype), out_sharding)
+def _sample_dtype(dtype: np.dtype, draw_dtype: np.dtype | None) -> np.dtype:
+    """The dtype random draws are made in: ``draw_dtype``, else float32 for 16-bit reals."""
+    if _is_complex(dtype):
+        return dtype
+    if draw_dtype is not None:
+        return draw_dtype
+    return jnp.dtype(jnp.float32) if jnp.finfo(dtype).bits < 32 else dtype
+
+
+# --------------------------------------------------------------------------- the one wrapper
+
+
+def _initializer(
+    who: str,
+    *,
+    dtype: DTypeLike,
+    sample: Sampler | None = None,
+    build: Callable[..., jax.Array] | None = None,
+    real_only: bool = False,
+    validate: Callable[[tuple[int, ...]], None] | None = None,
+    draw_dtype: np.dtype | None = None,
+) -> Initializer:
+    """Wraps a sampler into jax's ``Initializer`` protocol.
+
+    Args:
+        who: the builder's name, for error messages.
+        dtype: the builder's default dtype (None: float32), validated here.
+        sample: ``sample(key, shape, dtype)`` for partitionable draws; it runs in the draw dtype
+            (see :func:`_sample_dtype`), is cast to the output dtype, and each device computes
+            only its own shard.
+        build: ``build(key, shape, dtype, out_sharding)`` for everything else (constants, QR);
+            its result is laid out on ``out_sharding`` afterwards. Exactly one of ``sample`` and
+            ``build`` is given.
+        real_only: reject complex dtypes.
+        validate: ``validate(shape)`` raises for shapes the initializer does not support.
+        draw_dtype: the dtype random draws are made in (None: see :func:`_sample_dtype`).
+
+    Returns:
+        ``init(key, shape, dtype=None, out_sharding=None)``.
+    """
+    default = _check_dtype(dtype, who, allow_complex=not real_only)
+
+    def init(
+        key: jax.Array,
+        shape: Shape,
+        dtype: DTypeLike = None,
+        out_sharding: _sharding.OutSharding = None,
+    ) -> jax.Array:
+        shape = _check_shape(shape, who)
+        dt = _resolve_dtype(dtype, default, who, allow_complex=not real_only)
+        if validate is not None:
+            validate(shape)
+        out_sharding = _sharding.full_rank(out_sharding, len(shape))
+        if math.prod(shape) == 0:
+            return _sharding.place(jnp.zeros(shape, dt), out_sharding)
+        if sample is None:
+            return _sharding.place(build(key, shape, dt, out_sharding), out_sharding)
+        sample_dt = _sample_dtype(dt, draw_dtype)
+        return _sharding.sample_sharded(
+            lambda k: sample(k, shape, sample_dt).astype(dt), key, out_sharding
+        )
+
+    init.__qualname__ = f"{who}.<locals>.init"
+    return init
 
 
 # --------------------------------------------------------------------------- variance scaling
@@ -155,7 +231,28 @@ def _complex_uniform(key: jax.Array, shape: tuple[int, ...], dtype: np.dtype) ->
     return r * jnp.exp(jnp.asarray(1j, dtype) * theta)
 
 
-def _denominator(mode: str, fan_in: int, fan_out: int) -> float:
+# (distribution, complex) -> (draw, std multiplier from the variance): jax's operations in jax's
+# order, so that real draws are bit-identical to jax.nn.initializers.variance_scaling.
+_SCALED_DRAWS: dict[tuple[str, bool], tuple[Sampler, Callable[..., jax.Array]]] = {
+    ("truncated_normal", False): (
+        lambda k, s, d: jax.random.truncated_normal(k, -2, 2, s, d),
+        lambda var, d: jnp.sqrt(var) / jnp.array(_TRUNC2_STD, d),
+    ),
+    ("truncated_normal", True): (
+        _complex_truncated_normal,
+        lambda var, d: jnp.sqrt(var) / jnp.array(_COMPLEX_TRUNC2_STD, d),
+    ),
+    ("normal", False): (jax.random.normal, lambda var, d: jnp.sqrt(var)),
+    ("normal", True): (jax.random.normal, lambda var, d: jnp.sqrt(var)),
+    ("uniform", False): (
+        lambda k, s, d: jax.random.uniform(k, s, d, -1),
+        lambda var, d: jnp.sqrt(jnp.array(3, d) * var),
+    ),
+    ("uniform", True): (_complex_uniform, lambda var, d: jnp.sqrt(var)),
+}
+
+
+def _fan_denominator(mode: str, fan_in: int, fan_out: int) -> float:
     if mode == "fan_in":
         return fan_in
     if mode == "fan_out":
@@ -173,101 +270,86 @@ def variance_scaling(
     out_axis: AxisSpec = -1,
     batch_axis: AxisSpec = (),
     dtype: DTypeLike = None,
+    *,
+    draw_dtype: DTypeLike = None,
 ) -> Initializer:
     """Builds an initializer whose samples have variance ``scale / n``.
 
     ``n`` is ``fan_in``, ``fan_out``, ``(fan_in + fan_out) / 2`` or ``sqrt(fan_in * fan_out)`` for
-    ``mode`` ``"fan_in"``, ``"fan_out"``, ``"fan_avg"``, ``"fan_geo_avg"`` (fans from
-    :func:`compute_fans`). ``distribution`` is ``"normal"``, ``"truncated_normal"`` (truncated at
-    two standard deviations, then rescaled so the *realised* variance is ``scale / n``) or
-    ``"uniform"`` (``U(-sqrt(3 scale / n), sqrt(3 scale / n))``; a disk for complex dtypes).
+    the four modes (fans from :func:`compute_fans`). ``"truncated_normal"`` is truncated at two
+    standard deviations and rescaled so the *realised* variance is ``scale / n``; ``"uniform"`` is
+    ``U(-sqrt(3 scale / n), sqrt(3 scale / n))`` (a disk for complex dtypes).
 
-    For real dtypes the values are bit-identical to ``jax.nn.initializers.variance_scaling`` for
-    the same key, shape and dtype. For complex ``"truncated_normal"`` the variance is exact, where
-    jax's is about 1.9% too large (it rescales by the untruncated modulus moment).
+    float32 and float64 values are bit-identical to ``jax.nn.initializers.variance_scaling``
+    (16-bit ones too with ``draw_dtype`` equal to the output dtype). For complex
+    ``"truncated_normal"`` the variance is exact, where jax's is about 1.9% too large.
 
     Args:
-      scale: the variance multiplier (a gain squared), >= 0.
-      mode: which fan to divide by.
-      distribution: the distribution to draw from.
-      in_axis: axis or axes of the inputs.
-      out_axis: axis or axes of the outputs.
-      batch_axis: axis or axes to ignore when computing fans.
-      dtype: default dtype of the result (None: float32).
+        scale: the variance multiplier (a gain squared), >= 0.
+        mode: which fan to divide by.
+        distribution: the distribution to draw from.
+        in_axis: axis or axes of the inputs.
+        out_axis: axis or axes of the outputs.
+        batch_axis: axis or axes to ignore when computing fans.
+        dtype: default dtype of the result (None: float32).
+        draw_dtype: dtype of the random draws, cast to the result's (None: float32 for 16-bit
+            results, else the result's dtype).
 
     Returns:
-      An initializer ``init(key, shape, dtype=None, out_sharding=None)``.
+        An initializer ``init(key, shape, dtype=None, out_sharding=None)``.
 
     Raises:
-      ValueError: for an unknown mode or distribution, a negative scale, or invalid axes.
-      TypeError: for an integer or bool dtype.
+        ValueError: for an unknown mode or distribution, a negative scale, or invalid axes.
+        TypeError: for an integer or bool dtype.
 
     Example:
-      >>> import jax, jaxinit as ji
-      >>> init = ji.variance_scaling(2.0, "fan_in", "normal")
-      >>> w = init(jax.random.key(0), (256, 512))
-      >>> w.shape, w.dtype
-      ((256, 512), dtype('float32'))
+        >>> import jax, jaxinit as ji
+        >>> init = ji.variance_scaling(2.0, "fan_in", "normal")
+        >>> w = init(jax.random.key(0), (256, 512))
+        >>> w.shape, w.dtype
+        ((256, 512), dtype('float32'))
     """
     who = "variance_scaling"
     scale = _check_nonneg(scale, "scale", who)
     _check_choice(mode, _MODES, "mode", who)
     _check_choice(distribution, _DISTRIBUTIONS, "distribution", who)
     validate_axes(in_axis, out_axis, batch_axis)
-    default_dtype = _check_dtype(dtype, who)
 
-    def init(
-        key: jax.Array,
-        shape: Shape,
-        dtype: DTypeLike = None,
-        out_sharding: _sharding.OutSharding = None,
-    ) -> jax.Array:
-        shape = _check_shape(shape, who)
-        dt = _resolve_dtype(dtype, default_dtype, who)
-        if math.prod(shape) == 0:
-            return _empty(shape, dt, out_sharding)
+    def sample(key: jax.Array, shape: tuple[int, ...], dt: np.dtype) -> jax.Array:
         fan_in, fan_out = compute_fans(shape, in_axis, out_axis, batch_axis)
-        denominator = _denominator(mode, fan_in, fan_out)
+        variance = jnp.array(scale / _fan_denominator(mode, fan_in, fan_out), dtype=dt)
+        draw, std = _SCALED_DRAWS[distribution, _is_complex(dt)]
+        return draw(key, shape, dt) * std(variance, dt)
 
-        def sample(key: jax.Array) -> jax.Array:
-            variance = jnp.array(scale / denominator, dtype=dt)
-            if distribution == "truncated_normal":
-                if not _is_complex(dt):
-                    stddev = jnp.sqrt(variance) / jnp.array(_TRUNC2_STD, dt)
-                    return jax.random.truncated_normal(key, -2, 2, shape, dt) * stddev
-                stddev = jnp.sqrt(variance) / jnp.array(_COMPLEX_TRUNC2_STD, dt)
-                return _complex_truncated_normal(key, shape, dt) * stddev
-            if distribution == "normal":
-                return jax.random.normal(key, shape, dt) * jnp.sqrt(variance)
-            if not _is_complex(dt):
-                return jax.random.uniform(key, shape, dt, -1) * jnp.sqrt(
-                    jnp.array(3, dt) * variance
-                )
-            return _complex_uniform(key, shape, dt) * jnp.sqrt(variance)
+    return _initializer(
+        who,
+        dtype=dtype,
+        sample=sample,
+        validate=lambda shape: compute_fans(shape, in_axis, out_axis, batch_axis),
+        draw_dtype=_check_draw_dtype(draw_dtype, who),
+    )
 
-        return _sharding.sample_sharded(sample, key, out_sharding)
 
-    return init
-
+_SCALING_ARGS = """in_axis: axis or axes of the inputs.
+        out_axis: axis or axes of the outputs.
+        batch_axis: axis or axes to ignore when computing fans.
+        dtype: default dtype of the result (None: float32).
+        draw_dtype: dtype of the random draws (see :func:`variance_scaling`)."""
 
 _NAMED_DOC = """Builds jax's ``{name}`` initializer: ``variance_scaling({scale}, "{mode}", "{dist}")``.
 
-    Bit-identical to ``jax.nn.initializers.{name}`` for the same key, shape and dtype (real
-    dtypes). {extra}
+    Bit-identical to ``jax.nn.initializers.{name}`` for float32 and float64. {extra}
 
     Args:
-      in_axis: axis or axes of the inputs.
-      out_axis: axis or axes of the outputs.
-      batch_axis: axis or axes to ignore when computing fans.
-      dtype: default dtype of the result (None: float32).
+        {args}
 
     Returns:
-      An initializer ``init(key, shape, dtype=None, out_sharding=None)``.
+        An initializer ``init(key, shape, dtype=None, out_sharding=None)``.
 
     Example:
-      >>> import jax, jaxinit as ji
-      >>> ji.{name}()(jax.random.key(0), (3, 3, 16, 32)).shape
-      (3, 3, 16, 32)
+        >>> import jax, jaxinit as ji
+        >>> ji.{name}()(jax.random.key(0), (3, 3, 16, 32)).shape
+        (3, 3, 16, 32)
     """
 
 
@@ -277,11 +359,17 @@ def _named_scaling(name: str, scale: float, mode: Mode, dist: Distribution, extr
         out_axis: AxisSpec = -1,
         batch_axis: AxisSpec = (),
         dtype: DTypeLike = None,
+        *,
+        draw_dtype: DTypeLike = None,
     ) -> Initializer:
-        return variance_scaling(scale, mode, dist, in_axis, out_axis, batch_axis, dtype)
+        return variance_scaling(
+            scale, mode, dist, in_axis, out_axis, batch_axis, dtype, draw_dtype=draw_dtype
+        )
 
     builder.__name__ = builder.__qualname__ = name
-    builder.__doc__ = _NAMED_DOC.format(name=name, scale=scale, mode=mode, dist=dist, extra=extra)
+    builder.__doc__ = _NAMED_DOC.format(
+        name=name, scale=scale, mode=mode, dist=dist, extra=extra, args=_SCALING_ARGS
+    )
     return builder
 
 
@@ -315,240 +403,218 @@ lecun_uniform = _named_scaling("lecun_uniform", 1.0, "fan_in", "uniform")
 
 # --------------------------------------------------------------------------- torch semantics
 
-
-def _torch_mode(mode: str, who: str) -> None:
-    _check_choice(mode, ("fan_in", "fan_out"), "mode", who)
-
-
-def kaiming_normal(
-    a: float = 0.0,
-    mode: Literal["fan_in", "fan_out"] = "fan_in",
-    nonlinearity: str = "leaky_relu",
-    in_axis: AxisSpec = -2,
-    out_axis: AxisSpec = -1,
-    batch_axis: AxisSpec = (),
-    dtype: DTypeLike = None,
-) -> Initializer:
-    """Builds torch's ``kaiming_normal_``: an untruncated normal with ``std = gain / sqrt(fan)``.
+_KAIMING_DOC = """Builds torch's ``kaiming_{dist}_``: {formula}.
 
     ``gain = calculate_gain(nonlinearity, a)``; with the defaults (``leaky_relu``, ``a=0``) that is
-    ``sqrt(2)``, He et al. (2015). Fans follow jax's kernel layout (``(..., in, out)``), so a Flax
-    kernel gets the fan torch would compute for the same layer.
+    ``sqrt(2)`` (He et al., 2015). Fans follow jax's kernel layout ``(..., in, out)``, so a Flax
+    kernel gets the fan torch computes for the same layer. {extra}
 
     Args:
-      a: the negative slope of the leaky ReLU that follows (only used for ``leaky_relu``).
-      mode: ``"fan_in"`` preserves the forward variance, ``"fan_out"`` the backward.
-      nonlinearity: a name from :func:`calculate_gain`'s table.
-      in_axis: axis or axes of the inputs.
-      out_axis: axis or axes of the outputs.
-      batch_axis: axis or axes to ignore when computing fans.
-      dtype: default dtype of the result (None: float32).
+        a: the negative slope of the leaky ReLU that follows (only used for ``leaky_relu``).
+        mode: ``"fan_in"`` preserves the forward variance, ``"fan_out"`` the backward.
+        nonlinearity: a name from :func:`calculate_gain`'s table.
+        {args}
 
     Returns:
-      An initializer ``init(key, shape, dtype=None, out_sharding=None)``.
+        An initializer ``init(key, shape, dtype=None, out_sharding=None)``.
 
     Raises:
-      ValueError: for an unknown mode or nonlinearity, or invalid axes.
+        ValueError: for an unknown mode or nonlinearity, or invalid axes.
 
     Example:
-      >>> import jax, jaxinit as ji
-      >>> w = ji.kaiming_normal(nonlinearity="relu")(jax.random.key(0), (512, 256))
-      >>> round(float(w.std() * 512**0.5), 1)
-      1.4
+{example}
     """
-    who = "kaiming_normal"
-    _torch_mode(mode, who)
-    gain = calculate_gain(nonlinearity, a)
-    return variance_scaling(gain**2, mode, "normal", in_axis, out_axis, batch_axis, dtype)
 
-
-def kaiming_uniform(
-    a: float = 0.0,
-    mode: Literal["fan_in", "fan_out"] = "fan_in",
-    nonlinearity: str = "leaky_relu",
-    in_axis: AxisSpec = -2,
-    out_axis: AxisSpec = -1,
-    batch_axis: AxisSpec = (),
-    dtype: DTypeLike = None,
-) -> Initializer:
-    """Builds torch's ``kaiming_uniform_``: ``U(-b, b)`` with ``b = gain * sqrt(3 / fan)``.
-
-    ``kaiming_uniform(a=math.sqrt(5))`` is torch's default ``Linear``/``Conv`` kernel init: its gain
-    is ``sqrt(1/3)``, so the bound is ``1 / sqrt(fan_in)``.
+_XAVIER_DOC = """Builds torch's ``xavier_{dist}_``: {formula} (Glorot and Bengio, 2010).
 
     Args:
-      a: the negative slope of the leaky ReLU that follows (only used for ``leaky_relu``).
-      mode: ``"fan_in"`` or ``"fan_out"``.
-      nonlinearity: a name from :func:`calculate_gain`'s table.
-      in_axis: axis or axes of the inputs.
-      out_axis: axis or axes of the outputs.
-      batch_axis: axis or axes to ignore when computing fans.
-      dtype: default dtype of the result (None: float32).
+        gain: multiplier of the standard deviation, >= 0.
+        {args}
 
     Returns:
-      An initializer ``init(key, shape, dtype=None, out_sharding=None)``.
+        An initializer ``init(key, shape, dtype=None, out_sharding=None)``.
 
     Raises:
-      ValueError: for an unknown mode or nonlinearity, or invalid axes.
+        ValueError: for a negative gain or invalid axes.
 
     Example:
-      >>> import math, jax, jaxinit as ji
-      >>> w = ji.kaiming_uniform(a=math.sqrt(5))(jax.random.key(0), (100, 10))
-      >>> bool(abs(w).max() <= 1 / math.sqrt(100))
-      True
+{example}
     """
-    who = "kaiming_uniform"
-    _torch_mode(mode, who)
-    gain = calculate_gain(nonlinearity, a)
-    return variance_scaling(gain**2, mode, "uniform", in_axis, out_axis, batch_axis, dtype)
 
 
-def xavier_normal(
-    gain: float = 1.0,
-    in_axis: AxisSpec = -2,
-    out_axis: AxisSpec = -1,
-    batch_axis: AxisSpec = (),
-    dtype: DTypeLike = None,
-) -> Initializer:
-    """Builds torch's ``xavier_normal_``: untruncated, ``std = gain * sqrt(2 / (fan_in + fan_out))``.
+def _kaiming(dist: Distribution, formula: str, extra: str, example: str):
+    name = f"kaiming_{dist}"
 
-    Glorot and Bengio (2010).
+    def builder(
+        a: float = 0.0,
+        mode: Literal["fan_in", "fan_out"] = "fan_in",
+        nonlinearity: str = "leaky_relu",
+        in_axis: AxisSpec = -2,
+        out_axis: AxisSpec = -1,
+        batch_axis: AxisSpec = (),
+        dtype: DTypeLike = None,
+        *,
+        draw_dtype: DTypeLike = None,
+    ) -> Initializer:
+        _check_choice(mode, ("fan_in", "fan_out"), "mode", name)
+        gain = calculate_gain(nonlinearity, a)
+        return variance_scaling(
+            gain**2, mode, dist, in_axis, out_axis, batch_axis, dtype, draw_dtype=draw_dtype
+        )
 
-    Args:
-      gain: multiplier of the standard deviation, >= 0.
-      in_axis: axis or axes of the inputs.
-      out_axis: axis or axes of the outputs.
-      batch_axis: axis or axes to ignore when computing fans.
-      dtype: default dtype of the result (None: float32).
-
-    Returns:
-      An initializer ``init(key, shape, dtype=None, out_sharding=None)``.
-
-    Example:
-      >>> import jax, jaxinit as ji
-      >>> ji.xavier_normal(gain=5 / 3)(jax.random.key(0), (64, 64)).dtype
-      dtype('float32')
-    """
-    gain = _check_nonneg(gain, "gain", "xavier_normal")
-    return variance_scaling(gain**2, "fan_avg", "normal", in_axis, out_axis, batch_axis, dtype)
+    builder.__name__ = builder.__qualname__ = name
+    builder.__doc__ = _KAIMING_DOC.format(
+        dist=dist, formula=formula, extra=extra, args=_SCALING_ARGS, example=example
+    )
+    return builder
 
 
-def xavier_uniform(
-    gain: float = 1.0,
-    in_axis: AxisSpec = -2,
-    out_axis: AxisSpec = -1,
-    batch_axis: AxisSpec = (),
-    dtype: DTypeLike = None,
-) -> Initializer:
-    """Builds torch's ``xavier_uniform_``: ``U(-b, b)``, ``b = gain * sqrt(6 / (fan_in + fan_out))``.
+def _xavier(dist: Distribution, formula: str, example: str):
+    name = f"xavier_{dist}"
 
-    Args:
-      gain: multiplier of the standard deviation, >= 0.
-      in_axis: axis or axes of the inputs.
-      out_axis: axis or axes of the outputs.
-      batch_axis: axis or axes to ignore when computing fans.
-      dtype: default dtype of the result (None: float32).
+    def builder(
+        gain: float = 1.0,
+        in_axis: AxisSpec = -2,
+        out_axis: AxisSpec = -1,
+        batch_axis: AxisSpec = (),
+        dtype: DTypeLike = None,
+        *,
+        draw_dtype: DTypeLike = None,
+    ) -> Initializer:
+        gain = _check_nonneg(gain, "gain", name)
+        return variance_scaling(
+            gain**2, "fan_avg", dist, in_axis, out_axis, batch_axis, dtype, draw_dtype=draw_dtype
+        )
 
-    Returns:
-      An initializer ``init(key, shape, dtype=None, out_sharding=None)``.
+    builder.__name__ = builder.__qualname__ = name
+    builder.__doc__ = _XAVIER_DOC.format(
+        dist=dist, formula=formula, args=_SCALING_ARGS, example=example
+    )
+    return builder
 
-    Example:
-      >>> import jax, jaxinit as ji
-      >>> w = ji.xavier_uniform()(jax.random.key(0), (300, 300))
-      >>> bool(abs(w).max() <= (6 / 600) ** 0.5)
-      True
-    """
-    gain = _check_nonneg(gain, "gain", "xavier_uniform")
-    return variance_scaling(gain**2, "fan_avg", "uniform", in_axis, out_axis, batch_axis, dtype)
+
+kaiming_normal = _kaiming(
+    "normal",
+    "an untruncated normal with ``std = gain / sqrt(fan)``",
+    "",
+    """        >>> import jax, jaxinit as ji
+        >>> w = ji.kaiming_normal(nonlinearity="relu")(jax.random.key(0), (512, 256))
+        >>> round(float(w.std() * 512**0.5), 1)
+        1.4""",
+)
+kaiming_uniform = _kaiming(
+    "uniform",
+    "``U(-b, b)`` with ``b = gain * sqrt(3 / fan)``",
+    "``kaiming_uniform(a=math.sqrt(5))`` is torch's default ``Linear``/``Conv`` kernel init: its "
+    "gain is ``sqrt(1/3)``, so the bound is ``1 / sqrt(fan_in)``.",
+    """        >>> import math, jax, jaxinit as ji
+        >>> w = ji.kaiming_uniform(a=math.sqrt(5))(jax.random.key(0), (100, 10))
+        >>> bool(abs(w).max() <= 1 / math.sqrt(100))
+        True""",
+)
+xavier_normal = _xavier(
+    "normal",
+    "untruncated, ``std = gain * sqrt(2 / (fan_in + fan_out))``",
+    """        >>> import jax, jaxinit as ji
+        >>> ji.xavier_normal(gain=5 / 3)(jax.random.key(0), (64, 64)).dtype
+        dtype('float32')""",
+)
+xavier_uniform = _xavier(
+    "uniform",
+    "``U(-b, b)``, ``b = gain * sqrt(6 / (fan_in + fan_out))``",
+    """        >>> import jax, jaxinit as ji
+        >>> w = ji.xavier_uniform()(jax.random.key(0), (300, 300))
+        >>> bool(abs(w).max() <= (6 / 600) ** 0.5)
+        True""",
+)
 
 
 # --------------------------------------------------------------------------- plain distributions
 
 
-def normal(stddev: float = 1e-2, dtype: DTypeLike = None) -> Initializer:
-    """Builds an initializer drawing from ``N(0, stddev^2)`` (bit-identical to jax's ``normal``).
+def normal(
+    stddev: float = 1e-2, dtype: DTypeLike = None, *, draw_dtype: DTypeLike = None
+) -> Initializer:
+    """Builds an initializer drawing from ``N(0, stddev^2)`` (jax's ``normal(stddev, dtype)``).
 
     Args:
-      stddev: the standard deviation, >= 0.
-      dtype: default dtype of the result (None: float32).
+        stddev: the standard deviation, >= 0.
+        dtype: default dtype of the result (None: float32).
+        draw_dtype: dtype of the random draws (see :func:`variance_scaling`).
 
     Returns:
-      An initializer ``init(key, shape, dtype=None, out_sharding=None)``.
+        An initializer ``init(key, shape, dtype=None, out_sharding=None)``.
 
     Raises:
-      ValueError: for a negative or non-finite stddev.
+        ValueError: for a negative or non-finite stddev.
+        TypeError: for a dtype passed as ``stddev``.
 
     Example:
-      >>> import jax, jaxinit as ji
-      >>> ji.normal(1.0)(jax.random.key(0), (4,)).shape
-      (4,)
+        >>> import jax, jaxinit as ji
+        >>> ji.normal(1.0)(jax.random.key(0), (4,)).shape
+        (4,)
     """
     who = "normal"
     stddev = _check_nonneg(stddev, "stddev", who)
-    default_dtype = _check_dtype(dtype, who)
-
-    def init(key, shape, dtype=None, out_sharding=None):
-        shape = _check_shape(shape, who)
-        dt = _resolve_dtype(dtype, default_dtype, who)
-        if math.prod(shape) == 0:
-            return _empty(shape, dt, out_sharding)
-        return _sharding.sample_sharded(
-            lambda k: jax.random.normal(k, shape, dt) * jnp.array(stddev, dt), key, out_sharding
-        )
-
-    return init
+    return _initializer(
+        who,
+        dtype=dtype,
+        sample=lambda k, s, d: jax.random.normal(k, s, d) * jnp.array(stddev, d),
+        draw_dtype=_check_draw_dtype(draw_dtype, who),
+    )
 
 
 def uniform(
     scale: float = 1e-2,
+    dtype: DTypeLike = None,
     *,
     low: float | None = None,
     high: float | None = None,
-    dtype: DTypeLike = None,
+    draw_dtype: DTypeLike = None,
 ) -> Initializer:
     """Builds a uniform initializer: jax's ``U[0, scale)``, or ``U[low, high)`` when both are given.
 
-    ``uniform(scale)`` is bit-identical to ``jax.nn.initializers.uniform(scale)``;
-    ``uniform(low=a, high=b)`` is torch's ``uniform_(a, b)``.
+    ``uniform(scale, dtype)`` takes jax's arguments in jax's order; ``uniform(low=a, high=b)`` is
+    torch's ``uniform_(a, b)``.
 
     Args:
-      scale: the upper bound of ``U[0, scale)``, >= 0; ignored when ``low``/``high`` are given.
-      low: lower bound (with ``high``).
-      high: upper bound (with ``low``), > ``low``.
-      dtype: default dtype of the result (None: float32).
+        scale: the upper bound of ``U[0, scale)``, >= 0; ignored when ``low``/``high`` are given.
+        dtype: default dtype of the result (None: float32); real dtypes only.
+        low: lower bound (with ``high``).
+        high: upper bound (with ``low``), > ``low``.
+        draw_dtype: dtype of the random draws (see :func:`variance_scaling`).
 
     Returns:
-      An initializer ``init(key, shape, dtype=None, out_sharding=None)``.
+        An initializer ``init(key, shape, dtype=None, out_sharding=None)``.
 
     Raises:
-      ValueError: for a negative scale, only one of low/high, or ``low >= high``.
+        ValueError: for a negative scale, only one of low/high, or ``low >= high``.
+        TypeError: for a dtype passed as ``scale``, or a complex dtype.
 
     Example:
-      >>> import jax, jaxinit as ji
-      >>> w = ji.uniform(low=-0.5, high=0.5)(jax.random.key(0), (1000,))
-      >>> bool((w >= -0.5).all() and (w < 0.5).all())
-      True
+        >>> import jax, jaxinit as ji
+        >>> w = ji.uniform(low=-0.5, high=0.5)(jax.random.key(0), (1000,))
+        >>> bool((w >= -0.5).all() and (w < 0.5).all())
+        True
     """
     who = "uniform"
     scale = _check_nonneg(scale, "scale", who)
     if (low is None) != (high is None):
         raise ValueError(f"{who}: give both low and high or neither, got low={low}, high={high}.")
-    if low is not None and not (math.isfinite(low) and math.isfinite(high) and low < high):
-        raise ValueError(f"{who}: expected finite low < high, got low={low}, high={high}.")
-    default_dtype = _check_dtype(dtype, who, allow_complex=False)
-
-    def init(key, shape, dtype=None, out_sharding=None):
-        shape = _check_shape(shape, who)
-        dt = _resolve_dtype(dtype, default_dtype, who, allow_complex=False)
-        if math.prod(shape) == 0:
-            return _empty(shape, dt, out_sharding)
-        if low is None:
-            fn = lambda k: jax.random.uniform(k, shape, dt) * jnp.array(scale, dt)
-        else:
-            fn = lambda k: jax.random.uniform(k, shape, dt, low, high)
-        return _sharding.sample_sharded(fn, key, out_sharding)
-
-    return init
+    if low is None:
+        sample = lambda k, s, d: jax.random.uniform(k, s, d) * jnp.array(scale, d)
+    else:
+        low, high = _check_number(low, "low", who), _check_number(high, "high", who)
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise ValueError(f"{who}: expected finite low < high, got low={low}, high={high}.")
+        sample = lambda k, s, d: jax.random.uniform(k, s, d, low, high)
+    return _initializer(
+        who,
+        dtype=dtype,
+        sample=sample,
+        real_only=True,
+        draw_dtype=_check_draw_dtype(draw_dtype, who),
+    )
 
 
 def _std_normal_cdf(x: float) -> float:
@@ -572,68 +638,120 @@ def truncated_normal_moments(lower: float, upper: float) -> tuple[float, float]:
 
 def truncated_normal(
     stddev: float = 1e-2,
+    dtype: DTypeLike = None,
     lower: float = -2.0,
     upper: float = 2.0,
     *,
     correct_stddev: bool = True,
-    dtype: DTypeLike = None,
+    draw_dtype: DTypeLike = None,
 ) -> Initializer:
     """Builds a truncated-normal initializer whose samples have standard deviation ``stddev``.
 
-    Samples are ``stddev / c * t`` with ``t ~ N(0, 1)`` truncated to ``[lower, upper]`` (bounds in
-    units of the untruncated std, like jax and keras; torch's ``trunc_normal_`` takes absolute
-    bounds) and ``c`` the std of that truncated normal, from the closed form
-    ``c^2 = 1 + (a φ(a) - b φ(b)) / Z - ((φ(a) - φ(b)) / Z)^2``. So the *realised* std is
-    ``stddev`` for any bounds (``c = 0.8796`` for ``±2``). With ``correct_stddev=False``, ``stddev``
-    is the std before truncation, jax's convention (bit-identical to
-    ``jax.nn.initializers.truncated_normal``), and the samples' std is ``c * stddev``.
+    The arguments are jax's, in jax's order. Samples are ``stddev / c * t`` with ``t ~ N(0, 1)``
+    truncated to ``[lower, upper]`` (bounds in units of the untruncated std, like jax and keras;
+    torch's ``trunc_normal_`` takes absolute bounds) and ``c`` the std of that truncated normal,
+    from the closed form, so the *realised* std is ``stddev`` for any bounds (``c = 0.8796`` for
+    ``±2``). With ``correct_stddev=False``, ``stddev`` is the std before truncation, jax's
+    convention (bit-identical to ``jax.nn.initializers.truncated_normal``).
 
     Args:
-      stddev: the standard deviation, >= 0.
-      lower: lower bound in units of the untruncated std.
-      upper: upper bound in units of the untruncated std, > ``lower``.
-      correct_stddev: whether ``stddev`` is the realised std (True) or the untruncated one.
-      dtype: default dtype of the result (None: float32); real dtypes only.
+        stddev: the standard deviation, >= 0.
+        dtype: default dtype of the result (None: float32); real dtypes only.
+        lower: lower bound in units of the untruncated std.
+        upper: upper bound in units of the untruncated std, > ``lower``.
+        correct_stddev: whether ``stddev`` is the realised std (True) or the untruncated one.
+        draw_dtype: dtype of the random draws (see :func:`variance_scaling`).
 
     Returns:
-      An initializer ``init(key, shape, dtype=None, out_sharding=None)``.
+        An initializer ``init(key, shape, dtype=None, out_sharding=None)``.
 
     Raises:
-      ValueError: for a negative stddev or ``lower >= upper``.
-      TypeError: for integer, bool or complex dtypes.
+        ValueError: for a negative stddev or ``lower >= upper``.
+        TypeError: for integer, bool or complex dtypes, a number passed as ``dtype``, or a dtype
+            passed as a number.
 
     Example:
-      >>> import jax, jaxinit as ji
-      >>> w = ji.truncated_normal(0.02)(jax.random.key(0), (1000, 1000))
-      >>> round(float(w.std()), 3), bool(abs(w).max() <= 2 * 0.02 / 0.8796)
-      (0.02, True)
+        >>> import jax, jaxinit as ji
+        >>> w = ji.truncated_normal(0.02)(jax.random.key(0), (1000, 1000))
+        >>> round(float(w.std()), 3), bool(abs(w).max() <= 2 * 0.02 / 0.8796)
+        (0.02, True)
     """
     who = "truncated_normal"
     stddev = _check_nonneg(stddev, "stddev", who)
-    lower, upper = float(lower), float(upper)
+    _check_dtype(
+        dtype,
+        who,
+        allow_complex=False,
+        hint=" Its arguments are (stddev, dtype, lower, upper), as in jax; pass lower= and "
+        "upper= by keyword.",
+    )
+    lower, upper = _check_number(lower, "lower", who), _check_number(upper, "upper", who)
     if math.isnan(lower) or math.isnan(upper) or not lower < upper:
         raise ValueError(f"{who}: expected lower < upper, got lower={lower}, upper={upper}.")
     if _std_normal_cdf(upper) - _std_normal_cdf(lower) <= 0.0:
         raise ValueError(
             f"{who}: the interval [{lower}, {upper}] (in std units) has no probability mass."
         )
-    default_dtype = _check_dtype(dtype, who, allow_complex=False)
     multiplier = stddev / truncated_normal_moments(lower, upper)[1] if correct_stddev else stddev
+    return _initializer(
+        who,
+        dtype=dtype,
+        sample=lambda k, s, d: (
+            jax.random.truncated_normal(k, lower, upper, s, d) * jnp.array(multiplier, d)
+        ),
+        real_only=True,
+        draw_dtype=_check_draw_dtype(draw_dtype, who),
+    )
 
-    def init(key, shape, dtype=None, out_sharding=None):
-        shape = _check_shape(shape, who)
-        dt = _resolve_dtype(dtype, default_dtype, who, allow_complex=False)
-        if math.prod(shape) == 0:
-            return _empty(shape, dt, out_sharding)
-        return _sharding.sample_sharded(
-            lambda k: (
-                jax.random.truncated_normal(k, lower, upper, shape, dt) * jnp.array(multiplier, dt)
-            ),
-            key,
-            out_sharding,
-        )
 
-    return init
+def sparse(
+    sparsity: float, stddev: float = 0.01, dtype: DTypeLike = None, *, draw_dtype: DTypeLike = None
+) -> Initializer:
+    """Builds a sparse initializer: each output unit keeps a fixed number of non-zero inputs.
+
+    For a 2-D kernel ``(in, out)``, each column (one output unit's incoming weights) has exactly
+    ``ceil(sparsity * in)`` zeros at random rows; the rest are ``N(0, stddev^2)`` (Martens, 2010).
+    torch's ``sparse_`` takes an ``(out, in)`` weight and zeroes along its columns instead, i.e. a
+    fixed number of zeros per *input*; transpose if you need that exactly.
+
+    Args:
+        sparsity: fraction of zeros in each column, in [0, 1].
+        stddev: std of the non-zero entries, >= 0.
+        dtype: default dtype of the result (None: float32).
+        draw_dtype: dtype of the random draws (see :func:`variance_scaling`).
+
+    Returns:
+        An initializer for 2-D shapes.
+
+    Raises:
+        ValueError: for sparsity outside [0, 1], a negative stddev, or (when called) a non-2-D shape.
+
+    Example:
+        >>> import jax, jaxinit as ji
+        >>> w = ji.sparse(0.75)(jax.random.key(0), (8, 4))
+        >>> [int(c) for c in (w == 0).sum(axis=0)]
+        [6, 6, 6, 6]
+    """
+    who = "sparse"
+    sparsity = _check_number(sparsity, "sparsity", who)
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"{who}: sparsity must be in [0, 1], got {sparsity!r}.")
+    stddev = _check_nonneg(stddev, "stddev", who)
+
+    def sample(key: jax.Array, shape: tuple[int, ...], dt: np.dtype) -> jax.Array:
+        k_val, k_perm = jax.random.split(key)
+        values = jax.random.normal(k_val, shape, dt) * jnp.array(stddev, dt)
+        ranks = jnp.argsort(jnp.argsort(jax.random.uniform(k_perm, shape), axis=0), axis=0)
+        return jnp.where(ranks < math.ceil(sparsity * shape[0]), jnp.zeros((), dt), values)
+
+    return _initializer(
+        who,
+        dtype=dtype,
+        sample=sample,
+        real_only=True,
+        validate=lambda shape: _check_rank(shape, (2,), who, "(in, out)"),
+        draw_dtype=_check_draw_dtype(draw_dtype, who),
+    )
 
 
 # --------------------------------------------------------------------------- orthogonal family
@@ -668,48 +786,44 @@ def orthogonal(scale: float = 1.0, column_axis: int = -1, dtype: DTypeLike = Non
     result is laid out on the requested sharding.
 
     Args:
-      scale: multiplier of the orthogonal matrix, >= 0.
-      column_axis: the axis holding the columns.
-      dtype: default dtype of the result (None: float32).
+        scale: multiplier of the orthogonal matrix, >= 0.
+        column_axis: the axis holding the columns.
+        dtype: default dtype of the result (None: float32).
 
     Returns:
-      An initializer ``init(key, shape, dtype=None, out_sharding=None)``; shapes need rank >= 2.
+        An initializer ``init(key, shape, dtype=None, out_sharding=None)``; shapes need rank >= 2.
 
     Raises:
-      ValueError: for a negative scale, a non-int column_axis, or (when called) rank < 2 or an
-        out-of-range column_axis.
+        ValueError: for a negative scale, a non-int column_axis, or (when called) rank < 2 or an
+            out-of-range column_axis.
 
     Example:
-      >>> import jax, jax.numpy as jnp, jaxinit as ji
-      >>> w = ji.orthogonal()(jax.random.key(0), (64, 64), jnp.bfloat16)
-      >>> w.dtype, bool(jnp.allclose((w.astype(jnp.float32).T @ w.astype(jnp.float32)),
-      ...                             jnp.eye(64), atol=3e-2))
-      (dtype(bfloat16), True)
+        >>> import jax, jax.numpy as jnp, jaxinit as ji
+        >>> w = ji.orthogonal()(jax.random.key(0), (64, 64), jnp.bfloat16)
+        >>> w.dtype, bool(jnp.allclose((w.astype(jnp.float32).T @ w.astype(jnp.float32)),
+        ...                             jnp.eye(64), atol=3e-2))
+        (dtype(bfloat16), True)
     """
     who = "orthogonal"
     scale = _check_nonneg(scale, "scale", who)
     column_axis = _check_column_axis(column_axis, who)
-    default_dtype = _check_dtype(dtype, who)
 
-    def init(key, shape, dtype=None, out_sharding=None):
-        shape = _check_shape(shape, who)
-        dt = _resolve_dtype(dtype, default_dtype, who)
+    def validate(shape: tuple[int, ...]) -> None:
         if len(shape) < 2:
             raise ValueError(f"{who}: shape {shape} has rank {len(shape)}; expected rank >= 2.")
         if not -len(shape) <= column_axis < len(shape):
             raise ValueError(f"{who}: column_axis={column_axis} is out of range for shape {shape}.")
-        if math.prod(shape) == 0:
-            return _empty(shape, dt, out_sharding)
+
+    def build(key: jax.Array, shape: tuple[int, ...], dt: np.dtype, out_sharding: Any):
         n_cols = shape[column_axis]
         n_rows = math.prod(shape) // n_cols
         q = _sharding.compute_once(
             lambda k: _orthogonal_matrix(k, n_rows, n_cols, dt, scale), key, out_sharding
         )
         rest = tuple(d for i, d in enumerate(shape) if i != column_axis % len(shape))
-        q = jnp.moveaxis(q.reshape((*rest, n_cols)), -1, column_axis)
-        return _sharding.place(q, out_sharding)
+        return jnp.moveaxis(q.reshape((*rest, n_cols)), -1, column_axis)
 
-    return init
+    return _initializer(who, dtype=dtype, build=build, validate=validate)
 
 
 def delta_orthogonal(
@@ -722,52 +836,39 @@ def delta_orthogonal(
     with such a kernel and ``padding="SAME"`` is an orthogonal map at initialisation.
 
     Args:
-      scale: multiplier of the orthogonal matrix, >= 0.
-      column_axis: the axis holding the columns of the centre matrix.
-      dtype: default dtype of the result (None: float32).
+        scale: multiplier of the orthogonal matrix, >= 0.
+        column_axis: the axis holding the columns of the centre matrix.
+        dtype: default dtype of the result (None: float32).
 
     Returns:
-      An initializer for 3-D, 4-D or 5-D shapes with ``in <= out``.
+        An initializer for 3-D, 4-D or 5-D shapes with ``in <= out``.
 
     Raises:
-      ValueError: for a negative scale, or (when called) a shape that is not 3-D to 5-D or has
-        more inputs than outputs.
+        ValueError: for a negative scale, or (when called) a shape that is not 3-D to 5-D or has
+            more inputs than outputs.
 
     Example:
-      >>> import jax, jaxinit as ji
-      >>> w = ji.delta_orthogonal()(jax.random.key(0), (3, 3, 8, 8))
-      >>> float(abs(w[0, 0]).max()), w[1, 1].shape
-      (0.0, (8, 8))
+        >>> import jax, jaxinit as ji
+        >>> w = ji.delta_orthogonal()(jax.random.key(0), (3, 3, 8, 8))
+        >>> float(abs(w[0, 0]).max()), w[1, 1].shape
+        (0.0, (8, 8))
     """
     who = "delta_orthogonal"
-    scale = _check_nonneg(scale, "scale", who)
-    column_axis = _check_column_axis(column_axis, who)
-    default_dtype = _check_dtype(dtype, who)
-    ortho = orthogonal(scale, column_axis)
+    ortho = orthogonal(scale, _check_column_axis(column_axis, who))
 
-    def init(key, shape, dtype=None, out_sharding=None):
-        shape = _check_shape(shape, who)
-        dt = _resolve_dtype(dtype, default_dtype, who)
-        if len(shape) not in (3, 4, 5):
-            raise ValueError(
-                f"{who}: shape {shape} has rank {len(shape)}; expected a 3-D, 4-D or 5-D conv "
-                "kernel (*spatial, in, out)."
-            )
+    def validate(shape: tuple[int, ...]) -> None:
+        _check_rank(shape, (3, 4, 5), who, "a 3-D, 4-D or 5-D conv kernel (*spatial, in, out)")
         if shape[-1] < shape[-2]:
             raise ValueError(
                 f"{who}: shape {shape} has in={shape[-2]} > out={shape[-1]}; expected in <= out."
             )
-        if math.prod(shape) == 0:
-            return _empty(shape, dt, out_sharding)
-        centre = tuple((k - 1) // 2 for k in shape[:-2])
-        w = (
-            jnp.zeros(shape, dt)
-            .at[centre]
-            .set(_sharding.compute_once(lambda k: ortho(k, shape[-2:], dt), key, out_sharding))
-        )
-        return _sharding.place(w, out_sharding)
 
-    return init
+    def build(key: jax.Array, shape: tuple[int, ...], dt: np.dtype, out_sharding: Any):
+        centre = tuple((k - 1) // 2 for k in shape[:-2])
+        q = _sharding.compute_once(lambda k: ortho(k, shape[-2:], dt), key, out_sharding)
+        return jnp.zeros(shape, dt).at[centre].set(q)
+
+    return _initializer(who, dtype=dtype, build=build, validate=validate)
 
 
 def identity(scale: float = 1.0, dtype: DTypeLike = None) -> Initializer:
@@ -780,139 +881,85 @@ def identity(scale: float = 1.0, dtype: DTypeLike = None) -> Initializer:
     even kernel sizes alike. torch's ``dirac_`` uses ``k // 2``, which differs for even ``k``.
 
     Args:
-      scale: the value on the diagonal.
-      dtype: default dtype of the result (None: float32).
+        scale: the value on the diagonal.
+        dtype: default dtype of the result (None: float32).
 
     Returns:
-      An initializer ``init(key, shape, dtype=None, out_sharding=None)``; the key is unused.
+        An initializer ``init(key, shape, dtype=None, out_sharding=None)``; the key is unused.
 
     Raises:
-      ValueError: (when called) for a shape of rank < 2.
+        ValueError: (when called) for a shape of rank < 2.
 
     Example:
-      >>> import jax, jaxinit as ji
-      >>> ji.identity()(jax.random.key(0), (2, 3))
-      Array([[1., 0., 0.],
-             [0., 1., 0.]], dtype=float32)
+        >>> import jax, jaxinit as ji
+        >>> ji.identity()(jax.random.key(0), (2, 3))
+        Array([[1., 0., 0.],
+               [0., 1., 0.]], dtype=float32)
     """
     who = "identity"
-    scale = float(scale)
-    default_dtype = _check_dtype(dtype, who)
+    scale = _check_number(scale, "scale", who)
 
-    def init(key, shape, dtype=None, out_sharding=None):
-        shape = _check_shape(shape, who)
-        dt = _resolve_dtype(dtype, default_dtype, who)
+    def validate(shape: tuple[int, ...]) -> None:
         if len(shape) < 2:
             raise ValueError(
                 f"{who}: shape {shape} has rank {len(shape)}; expected a matrix (in, out) or a "
                 "conv kernel (*spatial, in, out)."
             )
-        n = min(shape[-2], shape[-1])
+
+    def build(key: jax.Array, shape: tuple[int, ...], dt: np.dtype, out_sharding: Any):
+        idx = jnp.arange(min(shape[-2], shape[-1]))
         centre = tuple((k - 1) // 2 for k in shape[:-2])
-        w = jnp.zeros(shape, dt)
-        if n and math.prod(shape):
-            idx = jnp.arange(n)
-            w = w.at[(*centre, idx, idx)].set(jnp.array(scale, dt))
-        return _sharding.place(w, out_sharding)
+        return jnp.zeros(shape, dt).at[(*centre, idx, idx)].set(jnp.array(scale, dt))
 
-    return init
-
-
-def sparse(sparsity: float, stddev: float = 0.01, dtype: DTypeLike = None) -> Initializer:
-    """Builds a sparse initializer: each output unit keeps a fixed number of non-zero inputs.
-
-    For a 2-D kernel ``(in, out)``, each column (one output unit's incoming weights) has exactly
-    ``ceil(sparsity * in)`` zeros at random rows; the rest are ``N(0, stddev^2)`` (Martens, 2010).
-    torch's ``sparse_`` takes an ``(out, in)`` weight and zeroes along its columns instead, i.e. a
-    fixed number of zeros per *input*; transpose if you need that exactly.
-
-    Args:
-      sparsity: fraction of zeros in each column, in [0, 1].
-      stddev: std of the non-zero entries, >= 0.
-      dtype: default dtype of the result (None: float32).
-
-    Returns:
-      An initializer for 2-D shapes.
-
-    Raises:
-      ValueError: for sparsity outside [0, 1], a negative stddev, or (when called) a non-2-D shape.
-
-    Example:
-      >>> import jax, jaxinit as ji
-      >>> w = ji.sparse(0.75)(jax.random.key(0), (8, 4))
-      >>> [int(c) for c in (w == 0).sum(axis=0)]
-      [6, 6, 6, 6]
-    """
-    who = "sparse"
-    try:
-        sparsity = float(sparsity)
-    except (TypeError, ValueError):
-        raise ValueError(f"{who}: sparsity must be a number, got {sparsity!r}.") from None
-    if not 0.0 <= sparsity <= 1.0:
-        raise ValueError(f"{who}: sparsity must be in [0, 1], got {sparsity!r}.")
-    stddev = _check_nonneg(stddev, "stddev", who)
-    default_dtype = _check_dtype(dtype, who, allow_complex=False)
-
-    def init(key, shape, dtype=None, out_sharding=None):
-        shape = _check_shape(shape, who)
-        dt = _resolve_dtype(dtype, default_dtype, who, allow_complex=False)
-        if len(shape) != 2:
-            raise ValueError(f"{who}: shape {shape} has rank {len(shape)}; expected (in, out).")
-        if math.prod(shape) == 0:
-            return _empty(shape, dt, out_sharding)
-        num_zeros = math.ceil(sparsity * shape[0])
-
-        def sample(key):
-            k_val, k_perm = jax.random.split(key)
-            values = jax.random.normal(k_val, shape, dt) * jnp.array(stddev, dt)
-            ranks = jnp.argsort(jnp.argsort(jax.random.uniform(k_perm, shape), axis=0), axis=0)
-            return jnp.where(ranks < num_zeros, jnp.zeros((), dt), values)
-
-        return _sharding.sample_sharded(sample, key, out_sharding)
-
-    return init
+    return _initializer(who, dtype=dtype, build=build, validate=validate)
 
 
 # --------------------------------------------------------------------------- constants
 
 
 def constant(value: Any, dtype: DTypeLike = None) -> Initializer:
-    """Builds an initializer filling the array with ``value``.
+    """Builds an initializer filling the array with ``value`` (jax's ``constant(value, dtype)``).
 
     Args:
-      value: a scalar, or an array broadcastable to the requested shape.
-      dtype: default dtype of the result (None: float32).
+        value: a scalar, or an array broadcastable to the requested shape.
+        dtype: default dtype of the result (None: float32).
 
     Returns:
-      An initializer ``init(key, shape, dtype=None, out_sharding=None)``; the key is unused.
+        An initializer ``init(key, shape, dtype=None, out_sharding=None)``; the key is unused.
+
+    Raises:
+        ValueError: for a value that is not a number or an array, or (when called) one that does
+            not broadcast to the shape.
 
     Example:
-      >>> import jax, jaxinit as ji
-      >>> ji.constant(0.5)(jax.random.key(0), (2,))
-      Array([0.5, 0.5], dtype=float32)
+        >>> import jax, jaxinit as ji
+        >>> ji.constant(0.5)(jax.random.key(0), (2,))
+        Array([0.5, 0.5], dtype=float32)
     """
     who = "constant"
-    default_dtype = _check_dtype(dtype, who)
+    if _is_dtype_like(value):
+        raise TypeError(f"{who}: value={value!r} is a dtype, not a number; pass it as dtype=.")
     value_np = np.asarray(value)
     if value_np.dtype == object:
         raise ValueError(f"{who}: value must be a number or an array, got {value!r}.")
 
-    def init(key, shape, dtype=None, out_sharding=None):
-        shape = _check_shape(shape, who)
-        dt = _resolve_dtype(dtype, default_dtype, who)
+    def validate(shape: tuple[int, ...]) -> None:
         try:
             np.broadcast_shapes(value_np.shape, shape)
         except ValueError:
             raise ValueError(
                 f"{who}: value of shape {value_np.shape} does not broadcast to shape {shape}."
             ) from None
-        w = jnp.broadcast_to(jnp.asarray(value_np, dtype=dt), shape)
-        return _sharding.place(w, out_sharding)
 
-    return init
+    def build(key: jax.Array, shape: tuple[int, ...], dt: np.dtype, out_sharding: Any):
+        return jnp.broadcast_to(jnp.asarray(value_np, dtype=dt), shape)
+
+    return _initializer(who, dtype=dtype, build=build, validate=validate)
 
 
 def _filled(fill: float, who: str):
+    fill_init = _initializer(who, dtype=None, build=lambda k, s, d, o: jnp.full(s, fill, d))
+
     def init(
         key: jax.Array | None = None,
         shape: Shape | None = None,
@@ -923,22 +970,20 @@ def _filled(fill: float, who: str):
             return init
         if shape is None:
             raise ValueError(f"{who}: called with a key but no shape; expected init(key, shape).")
-        shape = _check_shape(shape, who)
-        dt = _resolve_dtype(dtype, None, who)
-        return _sharding.place(jnp.full(shape, fill, dt), out_sharding)
+        return fill_init(key, shape, dtype, out_sharding)
 
     init.__name__ = init.__qualname__ = who
     init.__doc__ = f"""Initializer returning an array of {who} (``init(key, shape, dtype, out_sharding)``).
 
     It is both the initializer and its own builder: ``bias_init=ji.{who}`` and
-    ``bias_init=ji.{who}()`` are the same thing, so the factory-or-function question never bites.
+    ``bias_init=ji.{who}()`` are the same thing.
 
     Example:
-      >>> import jax, jaxinit as ji
-      >>> ji.{who}(jax.random.key(0), (3,))
-      Array([{fill:.0f}., {fill:.0f}., {fill:.0f}.], dtype=float32)
-      >>> ji.{who}() is ji.{who}
-      True
+        >>> import jax, jaxinit as ji
+        >>> ji.{who}(jax.random.key(0), (3,))
+        Array([{fill:.0f}., {fill:.0f}., {fill:.0f}.], dtype=float32)
+        >>> ji.{who}() is ji.{who}
+        True
     """
     return init
 

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxinit._src.axes import canonical_axes
+
 __all__ = [
     "Moments",
     "all_reduce_moments",
@@ -75,28 +77,6 @@ class Moments(NamedTuple):
 
 
 # --------------------------------------------------------------------------- validation helpers
-
-
-def canonical_axes(ndim: int, axis: Any, name: str = "axis") -> tuple[int, ...]:
-    """Sorted, non-negative, unique feature axes; raises ValueError/TypeError naming ``name``."""
-    axes = (axis,) if isinstance(axis, int | np.integer) else axis
-    try:
-        axes = tuple(axes)
-    except TypeError:
-        raise TypeError(f"{name} must be an int or a tuple of ints, got {axis!r}.") from None
-    out = []
-    for a in axes:
-        if isinstance(a, bool) or not isinstance(a, int | np.integer):
-            raise TypeError(f"{name} must be an int or a tuple of ints, got {axis!r}.")
-        if not -ndim <= a < ndim:
-            raise ValueError(
-                f"{name}={axis!r} is out of range for an input of rank {ndim}; "
-                f"expected values in [{-ndim}, {ndim})."
-            )
-        out.append(int(a) % ndim)
-    if len(set(out)) != len(out):
-        raise ValueError(f"{name}={axis!r} names the same axis twice.")
-    return tuple(sorted(out))
 
 
 def check_float_input(x: jax.Array, name: str = "x") -> None:

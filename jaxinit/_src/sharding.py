@@ -32,6 +32,7 @@ OutSharding = NamedSharding | PartitionSpec | None
 __all__ = [
     "OutSharding",
     "check_out_sharding",
+    "full_rank",
     "compute_once",
     "is_tracer",
     "mesh_of",
@@ -44,9 +45,9 @@ def check_out_sharding(out_sharding: Any) -> None:
     """Raises unless ``out_sharding`` is None, a Sharding, or a PartitionSpec with a mesh set.
 
     Raises:
-      TypeError: ``out_sharding`` is of another type.
-      ValueError: ``out_sharding`` is a bare PartitionSpec and no mesh is set with
-        ``jax.set_mesh``.
+        TypeError: ``out_sharding`` is of another type.
+        ValueError: ``out_sharding`` is a bare PartitionSpec and no mesh is set with
+          ``jax.set_mesh``.
     """
     if out_sharding is None or isinstance(out_sharding, jax.sharding.Sharding):
         return
@@ -94,24 +95,24 @@ def sample_sharded(
     use :func:`compute_once`.
 
     Args:
-      fn: the sampler, a function of the key.
-      key: a PRNG key.
-      out_sharding: None, a Sharding, or a PartitionSpec of the mesh set with ``jax.set_mesh``.
+        fn: the sampler, a function of the key.
+        key: a PRNG key.
+        out_sharding: None, a Sharding, or a PartitionSpec of the mesh set with ``jax.set_mesh``.
 
     Returns:
-      ``fn(key)`` with sharding ``out_sharding``.
+        ``fn(key)`` with sharding ``out_sharding``.
 
     Raises:
-      TypeError, ValueError: see :func:`check_out_sharding`.
+        TypeError, ValueError: see :func:`check_out_sharding`.
 
     Example:
-      >>> import jax
-      >>> from jax.sharding import NamedSharding, PartitionSpec as P
-      >>> mesh = jax.sharding.Mesh(jax.devices(), ("d",))
-      >>> s = NamedSharding(mesh, P("d"))
-      >>> x = sample_sharded(lambda k: jax.random.normal(k, (16,)), jax.random.key(0), s)
-      >>> x.sharding == s, bool((x == jax.random.normal(jax.random.key(0), (16,))).all())
-      (True, True)
+        >>> import jax
+        >>> from jax.sharding import NamedSharding, PartitionSpec as P
+        >>> mesh = jax.sharding.Mesh(jax.devices(), ("d",))
+        >>> s = NamedSharding(mesh, P("d"))
+        >>> x = sample_sharded(lambda k: jax.random.normal(k, (16,)), jax.random.key(0), s)
+        >>> x.sharding == s, bool((x == jax.random.normal(jax.random.key(0), (16,))).all())
+        (True, True)
     """
     check_out_sharding(out_sharding)
     if out_sharding is None:
@@ -141,21 +142,21 @@ def place(x: jax.Array, out_sharding: OutSharding) -> jax.Array:
     computation of ``x``, so cheap partitionable work (zeros, an identity) is done shard by shard.
 
     Args:
-      x: the array.
-      out_sharding: None, a Sharding, or a PartitionSpec of the mesh set with ``jax.set_mesh``.
+        x: the array.
+        out_sharding: None, a Sharding, or a PartitionSpec of the mesh set with ``jax.set_mesh``.
 
     Returns:
-      ``x`` with sharding ``out_sharding`` (``x`` itself when it is None).
+        ``x`` with sharding ``out_sharding`` (``x`` itself when it is None).
 
     Raises:
-      TypeError, ValueError: see :func:`check_out_sharding`.
+        TypeError, ValueError: see :func:`check_out_sharding`.
 
     Example:
-      >>> import jax, jax.numpy as jnp
-      >>> from jax.sharding import NamedSharding, PartitionSpec as P
-      >>> mesh = jax.sharding.Mesh(jax.devices(), ("d",))
-      >>> place(jnp.ones((8, 2)), NamedSharding(mesh, P("d"))).sharding.spec == P("d")
-      True
+        >>> import jax, jax.numpy as jnp
+        >>> from jax.sharding import NamedSharding, PartitionSpec as P
+        >>> mesh = jax.sharding.Mesh(jax.devices(), ("d",))
+        >>> place(jnp.ones((8, 2)), NamedSharding(mesh, P("d"))).sharding.spec == P("d")
+        True
     """
     check_out_sharding(out_sharding)
     if out_sharding is None:
@@ -184,25 +185,25 @@ def compute_once(
     on its device anyway). Follow with :func:`place` to take each device's shard.
 
     Args:
-      fn: a function of the key returning one array.
-      key: a PRNG key.
-      out_sharding: the sharding the result will be placed on; only its mesh is used here.
+        fn: a function of the key returning one array.
+        key: a PRNG key.
+        out_sharding: the sharding the result will be placed on; only its mesh is used here.
 
     Returns:
-      ``fn(key)``, replicated over the mesh of ``out_sharding`` inside a trace.
+        ``fn(key)``, replicated over the mesh of ``out_sharding`` inside a trace.
 
     Raises:
-      TypeError, ValueError: see :func:`check_out_sharding`.
+        TypeError, ValueError: see :func:`check_out_sharding`.
 
     Example:
-      >>> import jax, jax.numpy as jnp
-      >>> from jax.sharding import NamedSharding, PartitionSpec as P
-      >>> mesh = jax.sharding.Mesh(jax.devices(), ("d",))
-      >>> s = NamedSharding(mesh, P("d"))
-      >>> qr = lambda k: jnp.linalg.qr(jax.random.normal(k, (8, 8)))[0]
-      >>> q = jax.jit(lambda k: place(compute_once(qr, k, s), s))(jax.random.key(0))
-      >>> q.sharding == s, bool(jnp.allclose(q.T @ q, jnp.eye(8), atol=1e-5))
-      (True, True)
+        >>> import jax, jax.numpy as jnp
+        >>> from jax.sharding import NamedSharding, PartitionSpec as P
+        >>> mesh = jax.sharding.Mesh(jax.devices(), ("d",))
+        >>> s = NamedSharding(mesh, P("d"))
+        >>> qr = lambda k: jnp.linalg.qr(jax.random.normal(k, (8, 8)))[0]
+        >>> q = jax.jit(lambda k: place(compute_once(qr, k, s), s))(jax.random.key(0))
+        >>> q.sharding == s, bool(jnp.allclose(q.T @ q, jnp.eye(8), atol=1e-5))
+        (True, True)
     """
     check_out_sharding(out_sharding)
     mesh = mesh_of(out_sharding)
@@ -219,3 +220,33 @@ def compute_once(
     spec = PartitionSpec()
     in_mesh = mesh if isinstance(out_sharding, NamedSharding) else None
     return jax.shard_map(body, mesh=in_mesh, in_specs=spec, out_specs=spec)(key)
+
+
+def full_rank(out_sharding: OutSharding, ndim: int) -> OutSharding:
+    """``out_sharding`` with its ``PartitionSpec`` padded with None to ``ndim`` entries.
+
+    ``P('x')`` and ``P('x', None)`` lay a matrix out the same way but are unequal shardings, so a
+    jitted consumer would compile once for each; every initializer returns the full-rank form.
+
+    Args:
+        out_sharding: None, a NamedSharding, or a PartitionSpec.
+        ndim: the rank of the array.
+
+    Returns:
+        The same kind of object, its spec of length ``ndim`` (other shardings unchanged).
+
+    Example:
+        >>> import jax
+        >>> from jax.sharding import NamedSharding, PartitionSpec as P
+        >>> mesh = jax.sharding.Mesh(jax.devices(), ("d",))
+        >>> full_rank(NamedSharding(mesh, P("d")), 2).spec
+        P('d', None)
+    """
+    if isinstance(out_sharding, NamedSharding):
+        spec = out_sharding.spec
+        if len(spec) < ndim:
+            padded = PartitionSpec(*spec, *(None,) * (ndim - len(spec)))
+            return NamedSharding(out_sharding.mesh, padded, memory_kind=out_sharding.memory_kind)
+    elif isinstance(out_sharding, PartitionSpec) and len(out_sharding) < ndim:
+        return PartitionSpec(*out_sharding, *(None,) * (ndim - len(out_sharding)))
+    return out_sharding
