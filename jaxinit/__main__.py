@@ -12,7 +12,6 @@ import sys
 import time
 from collections.abc import Sequence
 
-from jaxinit.diagnostics._mlp import ACTIVATION_NAMES
 from jaxinit.diagnostics.depth import (
     DEPTH_ACTIVATIONS,
     DEPTH_INITS,
@@ -22,6 +21,7 @@ from jaxinit.diagnostics.depth import (
     depth_report,
     plot_depth,
 )
+from jaxinit.diagnostics.mlp_scan import ACTIVATION_NAMES
 
 _EPILOG = f"""\
 inits:
@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Example:
         >>> from jaxinit.__main__ import main
-        >>> main(["--depth", "3", "--width", "8", "--batch", "16", "--activations", "relu",
+        >>> main(["--depth", "6", "--width", "32", "--batch", "64", "--activations", "relu",
         ...       "--inits", "kaiming", "--batch-norm", "off", "--quiet"])  # doctest: +ELLIPSIS
         activation  init ...
         relu        kaiming(gain=1.41) ...

@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl.testing import parameterized
 from flax import nnx
 from helpers_init import MESHES, N_DEV, auto_mesh
 from jax.sharding import AxisType, Mesh, NamedSharding
@@ -120,80 +119,82 @@ def test_every_initializer_on_every_kind_of_sharding(config):
             np.testing.assert_allclose(single[name], op_by_op[name], rtol=3e-7, err_msg=name)
 
 
-class ShardedInitDetailsTest(chex.TestCase):
-    def test_other_dtypes(self):
-        mesh = auto_mesh()
-        for init, shape, dtype in [
-            (ji.he_normal(), (12, 6), jnp.bfloat16),
-            (ji.orthogonal(), (12, 6), jnp.bfloat16),
-            (ji.variance_scaling(1.0, "fan_in", "truncated_normal"), (12, 8), jnp.complex64),
-        ]:
-            s = NamedSharding(mesh, P("a"))
-            ref = np.asarray(jax.jit(init, static_argnums=(1, 2))(KEY, shape, dtype))
-            for f in (init, jax.jit(init, static_argnums=(1, 2, 3))):
-                x = f(KEY, shape, dtype, s)
-                self.assertEqual(x.dtype, dtype)
-                self.assertTrue(x.sharding.is_equivalent_to(s, len(shape)))
-                np.testing.assert_array_equal(np.asarray(x), ref)
+def test_other_dtypes():
+    mesh = auto_mesh()
+    for init, shape, dtype in [
+        (ji.he_normal(), (12, 6), jnp.bfloat16),
+        (ji.orthogonal(), (12, 6), jnp.bfloat16),
+        (ji.variance_scaling(1.0, "fan_in", "truncated_normal"), (12, 8), jnp.complex64),
+    ]:
+        s = NamedSharding(mesh, P("a"))
+        ref = np.asarray(jax.jit(init, static_argnums=(1, 2))(KEY, shape, dtype))
+        for f in (init, jax.jit(init, static_argnums=(1, 2, 3))):
+            x = f(KEY, shape, dtype, s)
+            assert x.dtype == dtype
+            assert x.sharding.is_equivalent_to(s, len(shape))
+            np.testing.assert_array_equal(np.asarray(x), ref)
 
-    def test_bad_out_sharding(self):
-        init = ji.he_normal()
-        with self.assertRaisesRegex(ValueError, "bare PartitionSpec but no mesh"):
-            init(KEY, (8, 8), out_sharding=P("a"))
-        with self.assertRaisesRegex(TypeError, "out_sharding must be"):
-            init(KEY, (8, 8), out_sharding="a")
-        with self.assertRaisesRegex(ValueError, "bare PartitionSpec but no mesh"):
-            ji.orthogonal()(KEY, (8, 8), out_sharding=P("a"))
 
-    def _memory(self, f, *args):
-        m = jax.jit(f).lower(*args).compile().memory_analysis()
-        return m.temp_size_in_bytes + m.output_size_in_bytes
+def test_bad_out_sharding():
+    init = ji.he_normal()
+    with pytest.raises(ValueError, match="bare PartitionSpec but no mesh"):
+        init(KEY, (8, 8), out_sharding=P("a"))
+    with pytest.raises(TypeError, match="out_sharding must be"):
+        init(KEY, (8, 8), out_sharding="a")
+    with pytest.raises(ValueError, match="bare PartitionSpec but no mesh"):
+        ji.orthogonal()(KEY, (8, 8), out_sharding=P("a"))
 
-    def test_he_normal_never_materialises_the_full_array(self):
-        shape = (2048, 1024)
-        full = 4 * math.prod(shape)
-        shard = full / N_DEV
-        mesh = Mesh(np.array(jax.devices()[:N_DEV]), ("d",))
-        init = ji.he_normal()
-        for s in (NamedSharding(mesh, P("d")), NamedSharding(mesh, P(None, "d"))):
-            sharded = self._memory(lambda k, s=s: init(k, shape, out_sharding=s), KEY)
-            self.assertLessEqual(sharded, 6 * shard)
-        # The measure sees the full array when there is one: the unsharded init holds it.
-        self.assertGreaterEqual(self._memory(lambda k: init(k, shape), KEY), full)
-        # Explicit axes under set_mesh, too.
-        emesh = jax.make_mesh((N_DEV,), ("d",), axis_types=(AxisType.Explicit,))
-        with jax.set_mesh(emesh):
-            sharded = self._memory(lambda k: init(k, shape, out_sharding=P("d")), KEY)
-        self.assertLessEqual(sharded, 6 * shard)
 
-    def test_orthogonal_in_jit_runs_one_qr_on_one_device(self):
-        # A QR cannot be partitioned: inside jit, compute_once runs it under lax.cond on the first
-        # device of the mesh only, where a sharding constraint would make every device run it.
-        mesh = Mesh(np.array(jax.devices()[:N_DEV]), ("d",))
-        s = NamedSharding(mesh, P("d"))
-        shape = (256, 128)
-        lowered = jax.jit(lambda k: ji.orthogonal()(k, shape, out_sharding=s)).lower(KEY)
-        hlo = lowered.compile().as_text()
-        self.assertIn("conditional", hlo)
-        m = lowered.compile().memory_analysis()
-        self.assertEqual(m.output_size_in_bytes, 4 * math.prod(shape) // N_DEV)
-        # What it guards against: without compute_once the QR is outside any conditional.
-        naive = jax.jit(lambda k: sh.place(jnp.linalg.qr(jax.random.normal(k, shape))[0], s)).lower(
-            KEY
-        )
-        self.assertNotIn("conditional", naive.compile().as_text())
+def _memory(f, *args):
+    m = jax.jit(f).lower(*args).compile().memory_analysis()
+    return m.temp_size_in_bytes + m.output_size_in_bytes
 
-    def test_compute_once_outside_trace_is_the_plain_call(self):
-        mesh = auto_mesh()
-        calls = []
 
-        def fn(k):
-            calls.append(1)
-            return jax.random.normal(k, (4, 4))
+def test_he_normal_never_materialises_the_full_array():
+    shape = (2048, 1024)
+    full = 4 * math.prod(shape)
+    shard = full / N_DEV
+    mesh = Mesh(np.array(jax.devices()[:N_DEV]), ("d",))
+    init = ji.he_normal()
+    for s in (NamedSharding(mesh, P("d")), NamedSharding(mesh, P(None, "d"))):
+        sharded = _memory(lambda k, s=s: init(k, shape, out_sharding=s), KEY)
+        assert sharded <= 6 * shard
+    # The measure sees the full array when there is one: the unsharded init holds it.
+    assert _memory(lambda k: init(k, shape), KEY) >= full
+    # Explicit axes under set_mesh, too.
+    emesh = jax.make_mesh((N_DEV,), ("d",), axis_types=(AxisType.Explicit,))
+    with jax.set_mesh(emesh):
+        sharded = _memory(lambda k: init(k, shape, out_sharding=P("d")), KEY)
+    assert sharded <= 6 * shard
 
-        x = sh.compute_once(fn, KEY, NamedSharding(mesh, P("a")))
-        self.assertEqual(len(calls), 1)
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(fn(KEY)))
+
+def test_orthogonal_in_jit_runs_one_qr_on_one_device():
+    # A QR cannot be partitioned: inside jit, compute_once runs it under lax.cond on the first
+    # device of the mesh only, where a sharding constraint would make every device run it.
+    mesh = Mesh(np.array(jax.devices()[:N_DEV]), ("d",))
+    s = NamedSharding(mesh, P("d"))
+    shape = (256, 128)
+    lowered = jax.jit(lambda k: ji.orthogonal()(k, shape, out_sharding=s)).lower(KEY)
+    hlo = lowered.compile().as_text()
+    assert "conditional" in hlo
+    m = lowered.compile().memory_analysis()
+    assert m.output_size_in_bytes == 4 * math.prod(shape) // N_DEV
+    # What it guards against: without compute_once the QR is outside any conditional.
+    naive = jax.jit(lambda k: sh.place(jnp.linalg.qr(jax.random.normal(k, shape))[0], s)).lower(KEY)
+    assert "conditional" not in naive.compile().as_text()
+
+
+def test_compute_once_outside_trace_is_the_plain_call():
+    mesh = auto_mesh()
+    calls = []
+
+    def fn(k):
+        calls.append(1)
+        return jax.random.normal(k, (4, 4))
+
+    x = sh.compute_once(fn, KEY, NamedSharding(mesh, P("a")))
+    assert len(calls) == 1
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(fn(KEY)))
 
 
 # ----------------------------------------------------------------------------- Flax
@@ -237,82 +238,85 @@ class _NnxMLP(nnx.Module):
         self.norm = nnx.LayerNorm(32, rngs=rngs)
 
 
-class FlaxShardingTest(parameterized.TestCase):
-    def _meshes(self):
-        auto = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
-        explicit = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
-        return auto, explicit
+def _flax_meshes():
+    auto = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    explicit = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+    return auto, explicit
 
-    def test_linen_values_and_shardings_match_one_device(self):
-        module = _LinenMLP()
-        x = jnp.ones((4, 16))
-        with nn.logical_axis_rules(LINEN_RULES):
-            single = nn.meta.unbox(module.init(KEY, x))
-        for mesh in self._meshes():
-            variables = jil.init_sharded(module, KEY, x, mesh=mesh, rules=LINEN_RULES)
-            params = variables["params"]
-            got = nn.meta.unbox(variables)
-            chex.assert_trees_all_equal(got, single)
-            specs = {
-                "Dense_0/kernel": P(None, "model"),
-                "Dense_0/bias": P("model"),
-                "Dense_1/kernel": P("model", "data"),
-                "LayerNorm_0/scale": P(),
-                "Dense_2/kernel": P(),
-            }
-            for path, spec in specs.items():
-                layer, name = path.split("/")
-                leaf = params[layer][name]
-                arr = leaf.value if isinstance(leaf, nn.meta.AxisMetadata) else leaf
-                want = NamedSharding(mesh, spec)
-                self.assertTrue(arr.sharding.is_equivalent_to(want, arr.ndim), (path, arr.sharding))
-                self.assertEqual(arr.sharding.mesh, mesh)
-            if mesh.axis_types[0] == AxisType.Explicit:
-                continue  # explicit-axis matmuls need out_sharding annotations in the model
-            # The model applies with the sharded variables and gives the single-device output.
-            with jax.set_mesh(mesh), nn.logical_axis_rules(LINEN_RULES):
-                y = jax.jit(module.apply)(variables, x)
-            np.testing.assert_allclose(y, module.apply(single, x), rtol=1e-5, atol=1e-5)
 
-    def test_linen_bad_axis(self):
-        module = nn.Dense(8, kernel_init=nn.with_partitioning(ji.he_normal(), (None, "tensor")))
-        mesh = self._meshes()[0]
-        with self.assertRaisesRegex(ValueError, "tensor"):
-            jil.init_sharded(module, KEY, jnp.ones((1, 4)), mesh=mesh)
-        with self.assertRaisesRegex(TypeError, "mesh must be a jax.sharding.Mesh"):
-            jil.init_sharded(module, KEY, jnp.ones((1, 4)), mesh=None)
+def test_linen_values_and_shardings_match_one_device():
+    module = _LinenMLP()
+    x = jnp.ones((4, 16))
+    with nn.logical_axis_rules(LINEN_RULES):
+        single = nn.meta.unbox(module.init(KEY, x))
+    for mesh in _flax_meshes():
+        variables = jil.init_sharded(module, KEY, x, mesh=mesh, rules=LINEN_RULES)
+        params = variables["params"]
+        got = nn.meta.unbox(variables)
+        chex.assert_trees_all_equal(got, single)
+        specs = {
+            "Dense_0/kernel": P(None, "model"),
+            "Dense_0/bias": P("model"),
+            "Dense_1/kernel": P("model", "data"),
+            "LayerNorm_0/scale": P(),
+            "Dense_2/kernel": P(),
+        }
+        for path, spec in specs.items():
+            layer, name = path.split("/")
+            leaf = params[layer][name]
+            arr = leaf.value if isinstance(leaf, nn.meta.AxisMetadata) else leaf
+            want = NamedSharding(mesh, spec)
+            assert arr.sharding.is_equivalent_to(want, arr.ndim), (path, arr.sharding)
+            assert arr.sharding.mesh == mesh
+        if mesh.axis_types[0] == AxisType.Explicit:
+            continue  # explicit-axis matmuls need out_sharding annotations in the model
+        # The model applies with the sharded variables and gives the single-device output.
+        with jax.set_mesh(mesh), nn.logical_axis_rules(LINEN_RULES):
+            y = jax.jit(module.apply)(variables, x)
+        np.testing.assert_allclose(y, module.apply(single, x), rtol=1e-5, atol=1e-5)
 
-    def test_nnx_values_and_shardings_match_one_device(self):
-        factory = lambda: _NnxMLP(nnx.Rngs(7))
-        with nnx.use_eager_sharding(False):  # one device, annotations ignored
-            ref = factory()
-            single = jax.jit(lambda: nnx.state(factory()))()
-        rules = (("mlp", "model"), ("embed", "data"))
-        for mesh in self._meshes():
-            model = jnnx.create_sharded(factory, mesh, rules=rules)
-            self.assertIsInstance(model, _NnxMLP)
-            chex.assert_trees_all_equal(
-                jax.tree.map(np.asarray, nnx.state(model)), jax.tree.map(np.asarray, single)
-            )
-            for arr, spec in [
-                (model.up.kernel[...], P(None, "model")),
-                (model.down.kernel[...], P("model", "data")),
-                (model.up.bias[...], P()),
-                (model.norm.scale[...], P()),
-            ]:
-                want = NamedSharding(mesh, spec)
-                self.assertTrue(arr.sharding.is_equivalent_to(want, arr.ndim), arr.sharding)
-            if mesh.axis_types[0] == AxisType.Explicit:
-                continue  # explicit-axis matmuls need out_sharding annotations in the model
-            with jax.set_mesh(mesh):
-                y = nnx.jit(lambda m, x: m.norm(m.down(m.up(x))))(model, jnp.ones((2, 16)))
-            np.testing.assert_allclose(
-                y, ref.norm(ref.down(ref.up(jnp.ones((2, 16))))), rtol=1e-5, atol=1e-5
-            )
 
-    def test_nnx_bad_input(self):
-        mesh = self._meshes()[0]
-        with self.assertRaisesRegex(ValueError, "mlp"):
-            jnnx.create_sharded(lambda: _NnxMLP(nnx.Rngs(0)), mesh)
-        with self.assertRaisesRegex(TypeError, "expected an nnx.Module"):
-            jnnx.create_sharded(lambda: jnp.ones(3), mesh)
+def test_linen_bad_axis():
+    module = nn.Dense(8, kernel_init=nn.with_partitioning(ji.he_normal(), (None, "tensor")))
+    mesh = _flax_meshes()[0]
+    with pytest.raises(ValueError, match="tensor"):
+        jil.init_sharded(module, KEY, jnp.ones((1, 4)), mesh=mesh)
+    with pytest.raises(TypeError, match=r"mesh must be a jax\.sharding\.Mesh"):
+        jil.init_sharded(module, KEY, jnp.ones((1, 4)), mesh=None)
+
+
+def test_nnx_values_and_shardings_match_one_device():
+    factory = lambda: _NnxMLP(nnx.Rngs(7))
+    with nnx.use_eager_sharding(False):  # one device, annotations ignored
+        ref = factory()
+        single = jax.jit(lambda: nnx.state(factory()))()
+    rules = (("mlp", "model"), ("embed", "data"))
+    for mesh in _flax_meshes():
+        model = jnnx.create_sharded(factory, mesh, rules=rules)
+        assert isinstance(model, _NnxMLP)
+        chex.assert_trees_all_equal(
+            jax.tree.map(np.asarray, nnx.state(model)), jax.tree.map(np.asarray, single)
+        )
+        for arr, spec in [
+            (model.up.kernel[...], P(None, "model")),
+            (model.down.kernel[...], P("model", "data")),
+            (model.up.bias[...], P()),
+            (model.norm.scale[...], P()),
+        ]:
+            want = NamedSharding(mesh, spec)
+            assert arr.sharding.is_equivalent_to(want, arr.ndim), arr.sharding
+        if mesh.axis_types[0] == AxisType.Explicit:
+            continue  # explicit-axis matmuls need out_sharding annotations in the model
+        with jax.set_mesh(mesh):
+            y = nnx.jit(lambda m, x: m.norm(m.down(m.up(x))))(model, jnp.ones((2, 16)))
+        np.testing.assert_allclose(
+            y, ref.norm(ref.down(ref.up(jnp.ones((2, 16))))), rtol=1e-5, atol=1e-5
+        )
+
+
+def test_nnx_bad_input():
+    mesh = _flax_meshes()[0]
+    with pytest.raises(ValueError, match="mlp"):
+        jnnx.create_sharded(lambda: _NnxMLP(nnx.Rngs(0)), mesh)
+    with pytest.raises(TypeError, match=r"expected an nnx\.Module"):
+        jnnx.create_sharded(lambda: jnp.ones(3), mesh)

@@ -49,21 +49,21 @@ def calculate_gain(nonlinearity: str, param: float | None = None) -> float:
     second moment through any activation, see :func:`variance_gain`.
 
     Args:
-      nonlinearity: one of the names in the table.
-      param: the negative slope for ``leaky_relu`` (default 0.01); ignored otherwise.
+        nonlinearity: one of the names in the table.
+        param: the negative slope for ``leaky_relu`` (default 0.01); ignored otherwise.
 
     Returns:
-      The gain as a Python float.
+        The gain as a Python float.
 
     Raises:
-      ValueError: for an unknown name or a non-numeric slope.
+        ValueError: for an unknown name or a non-numeric slope.
 
     Example:
-      >>> import jaxinit as ji
-      >>> ji.calculate_gain("relu")
-      1.4142135623730951
-      >>> round(ji.calculate_gain("leaky_relu", 0.2), 6)
-      1.386750
+        >>> import jaxinit as ji
+        >>> ji.calculate_gain("relu")
+        1.4142135623730951
+        >>> round(ji.calculate_gain("leaky_relu", 0.2), 6)
+        1.386750
     """
     if nonlinearity in _UNIT_GAIN:
         return 1.0
@@ -158,24 +158,24 @@ def variance_gain(activation: str | Callable[[jax.Array], jax.Array]) -> float:
     gain is about 1.5925, and torch has no entry for gelu, silu, mish and the rest.
 
     Args:
-      activation: a callable mapping arrays elementwise (a ``jax.nn`` function, a lambda), or a
-        name: linear, identity, relu, leaky_relu (slope 0.01), tanh, sigmoid, gelu (jax's default
-        tanh approximation), gelu_exact, silu, swish, elu, selu, celu, softplus, mish, softsign,
-        relu6, hard_tanh.
+        activation: a callable mapping arrays elementwise (a ``jax.nn`` function, a lambda), or a
+          name: linear, identity, relu, leaky_relu (slope 0.01), tanh, sigmoid, gelu (jax's default
+          tanh approximation), gelu_exact, silu, swish, elu, selu, celu, softplus, mish, softsign,
+          relu6, hard_tanh.
 
     Returns:
-      The gain as a Python float.
+        The gain as a Python float.
 
     Raises:
-      ValueError: for an unknown name, or an activation that is not elementwise or not finite.
+        ValueError: for an unknown name, or an activation that is not elementwise or not finite.
 
     Example:
-      >>> import jax
-      >>> import jaxinit as ji
-      >>> round(ji.variance_gain("relu"), 6)
-      1.414214
-      >>> round(ji.variance_gain(jax.numpy.tanh), 4)
-      1.5925
+        >>> import jax
+        >>> import jaxinit as ji
+        >>> round(ji.variance_gain("relu"), 6)
+        1.414214
+        >>> round(ji.variance_gain(jax.numpy.tanh), 4)
+        1.5925
     """
     if isinstance(activation, str):
         if activation not in _ACTIVATIONS:

@@ -13,7 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinit.diagnostics import _mlp
+from jaxinit._src import initializers
+from jaxinit._src.gains import calculate_gain, variance_gain
+from jaxinit.diagnostics import mlp_scan
+from jaxinit.diagnostics.plotting import pyplot, save_png
+from jaxinit.diagnostics.tables import fmt, text_table
 
 __all__ = [
     "DEPTH_ACTIVATIONS",
@@ -26,6 +30,10 @@ __all__ = [
 
 DEPTH_ACTIVATIONS: tuple[str, ...] = ("linear", "relu", "tanh", "gelu", "selu")
 DEPTH_INITS: tuple[str, ...] = ("normal", "lecun_normal", "kaiming", "variance_gain", "lsuv")
+
+# The torch calculate_gain entry of the "kaiming" arm, where it is not the activation's own name:
+# torch's table has no gelu, silu or elu, and relu's gain is the customary stand-in for them.
+KAIMING_NONLINEARITY: dict[str, str] = {"gelu": "relu", "silu": "relu", "elu": "relu"}
 
 # Verdict thresholds, on r = std(layer L) / std(layer 1) of the activations h_l.
 EXPLODE_RATIO = 2.0  # r > 2, or any non-finite std: "explodes"
@@ -103,7 +111,10 @@ class DepthReport:
 
     Attributes:
         rows: one :class:`DepthRow` per (activation, init, batch norm) configuration.
-        depth: layers. width: features per layer. batch: rows of the input batch. seed: PRNG seed.
+        depth: layers.
+        width: features per layer.
+        batch: rows of the input batch.
+        seed: PRNG seed.
         layers: the 1-based layers shown in the table.
         compile_s: seconds spent compiling the shared forward function (0 when this process
             has already compiled it for the same shapes).
@@ -123,27 +134,23 @@ class DepthReport:
 
     def table(self) -> str:
         """Formats the report as a fixed-width text table."""
-        head = ["activation", "init", "bn"]
-        head += [f"std@{layer}" for layer in self.layers]
-        head += [f"sat@{self.depth}", "verdict"]
-        label_w = max([len("init")] + [len(r.init_label) for r in self.rows])
-        lines = [
-            f"{head[0]:<10}  {head[1]:<{label_w}}  {head[2]:<3}"
-            + "".join(f"{h:>10}" for h in head[3:-1])
-            + f"  {head[-1]}"
-        ]
+        labels = {
+            "activation": [r.activation for r in self.rows],
+            "init": [r.init_label for r in self.rows],
+            "bn": [f"{'yes' if r.batch_norm else 'no':<3}" for r in self.rows],  # 3 wide always
+        }
+        titles = [f"std@{layer}" for layer in self.layers] + [f"sat@{self.depth}"]
+        header = "".join(f"{t:>10}" for t in titles) + "  verdict"
+        cells = []
         for r in self.rows:
-            cells = "".join(_mlp.fmt(r.std[layer - 1], 10) for layer in self.layers)
             sat = r.saturated[-1]
             sat_cell = f"{sat:10.3f}" if np.isfinite(sat) else f"{'-':>10}"
-            bn = "yes" if r.batch_norm else "no"
-            lines.append(
-                f"{r.activation:<10}  {r.init_label:<{label_w}}  {bn:<3}{cells}{sat_cell}"
-                f"  {r.verdict}"
-            )
-        return "\n".join(lines)
+            stds = "".join(fmt(r.std[layer - 1], 10) for layer in self.layers)
+            cells.append(f"{stds}{sat_cell}  {r.verdict}")
+        return text_table(labels, header, cells)
 
     def __str__(self) -> str:
+        """The table."""
         return self.table()
 
 
@@ -151,7 +158,7 @@ class DepthReport:
 def _compiled_forward(depth: int, width: int, batch: int, saturation: float) -> Any:
     """The compiled depth-experiment scan for one shape (compiled once per process)."""
     f32, i32, b = jnp.float32, jnp.int32, jnp.bool_
-    return _mlp.depth_forward.lower(
+    return mlp_scan.depth_forward.lower(
         jax.ShapeDtypeStruct((depth, width, width), f32),
         jax.ShapeDtypeStruct((batch, width), f32),
         jax.ShapeDtypeStruct((), i32),
@@ -167,39 +174,36 @@ def _layers_shown(depth: int) -> tuple[int, ...]:
     return tuple(sorted({1, max(1, round(depth / 5)), max(1, round(depth / 2)), depth}))
 
 
-def _initializer(init: str, activation: str) -> tuple[Callable[..., jax.Array], str, tuple]:
-    """Returns (initializer, table label, cache key) for a named init and activation.
+def init_for(init: str, activation: str) -> tuple[Callable[..., jax.Array], str, tuple]:
+    """Returns (initializer, table label, weight-cache key) for a named init and activation.
 
     The variance-scaling inits get ``batch_axis=0``, so one call draws the whole
     ``(depth, width, width)`` stack with per-layer fans; orthogonal is drawn layer by layer.
     """
-    from jaxinit._src import gains, initializers
-
-    fn, torch_name, _ = _mlp.ACTIVATIONS[activation]
     if init == "normal":
         return initializers.normal(1.0), "normal(1.0)", ("normal",)
     if init == "lecun_normal":
         return initializers.lecun_normal(batch_axis=0), "lecun_normal", ("lecun_normal",)
     if init == "kaiming":
-        gain = gains.calculate_gain(torch_name)
-        label = f"kaiming(gain={gain:.3g})"
-        init_fn = initializers.kaiming_normal(nonlinearity=torch_name, batch_axis=0)
-        return init_fn, label, ("kaiming", torch_name)
+        name = KAIMING_NONLINEARITY.get(activation, activation)
+        init_fn = initializers.kaiming_normal(nonlinearity=name, batch_axis=0)
+        return init_fn, f"kaiming(gain={calculate_gain(name):.3g})", ("kaiming", name)
     if init == "variance_gain":
-        gain = gains.variance_gain(fn)
-        label = f"variance_gain({gain:.3g})"
+        gain = variance_gain(activation)
         init_fn = initializers.variance_scaling(gain * gain, "fan_in", "normal", batch_axis=0)
-        return init_fn, label, ("variance_gain", round(gain, 12))
+        return init_fn, f"variance_gain({gain:.3g})", ("variance_gain", round(gain, 12))
     if init == "lsuv":
         return initializers.orthogonal(), "lsuv(orthogonal)", ("orthogonal",)
     raise ValueError(f"init must be one of {', '.join(DEPTH_INITS)}; got {init!r}.")
 
 
-def _draw(init: str, init_fn: Callable[..., jax.Array], key: jax.Array, depth: int, width: int):
+def draw_weights(
+    init: str, init_fn: Callable[..., jax.Array], key: jax.Array, depth: int, width: int
+) -> jax.Array:
     """The stacked ``(depth, width, width)`` kernels of one init."""
     if init == "lsuv":
         # Orthogonality is per layer: one jitted QR per layer (batched QR is slow on CPU).
-        return _mlp.stacked_weights(init_fn, key, depth, width, jit=True)
+        return mlp_scan.stacked_weights(init_fn, key, depth, width, jit=True)
     return init_fn(key, (depth, width, width), jnp.float32)
 
 
@@ -213,6 +217,115 @@ def _check_names(values: Sequence[str], known: Sequence[str], argname: str) -> t
         if v not in known:
             raise ValueError(f"{argname} must be chosen from {', '.join(known)}; got {v!r}.")
     return values
+
+
+def _check_arguments(
+    depth: int,
+    width: int,
+    batch: int,
+    activations: Sequence[str],
+    inits: Sequence[str],
+    batch_norm: Sequence[bool],
+    saturation: float,
+) -> tuple[tuple[str, ...], tuple[str, ...], tuple[bool, ...]]:
+    """Validates the arguments of :func:`depth_report`; returns activations, inits, bn settings."""
+    mlp_scan.check_sizes(depth, width, batch)
+    activations = _check_names(activations, mlp_scan.ACTIVATION_NAMES, "activations")
+    inits = _check_names(inits, DEPTH_INITS, "inits")
+    bn_settings = tuple(bool(b) for b in batch_norm)
+    if not bn_settings:
+        raise ValueError("batch_norm must list at least one setting, e.g. (False, True).")
+    if not 0.0 < saturation < 1.0:
+        raise ValueError(f"saturation must be in (0, 1); got {saturation!r}.")
+    return activations, inits, bn_settings
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """One configuration to run: activation, init and batch-norm setting."""
+
+    activation: str
+    init: str
+    batch_norm: bool
+    init_fn: Callable[..., jax.Array]
+    label: str
+    weights_key: tuple
+
+
+def _configs(
+    activations: Sequence[str], inits: Sequence[str], bn_settings: Sequence[bool]
+) -> list[_Config]:
+    """Every (activation, init, batch norm) configuration, in table order."""
+    configs = []
+    for activation in activations:
+        for init in inits:
+            init_fn, label, weights_key = init_for(init, activation)
+            configs += [
+                _Config(activation, init, bn, init_fn, label, weights_key) for bn in bn_settings
+            ]
+    return configs
+
+
+class _Weights:
+    """The drawn weights of the configurations, timed, drawn once per cache key."""
+
+    def __init__(self, key: jax.Array, depth: int, width: int):
+        self.key, self.depth, self.width = key, depth, width
+        self.cache: dict[tuple, jax.Array] = {}
+        self.seconds = 0.0
+
+    def get(self, config: _Config) -> jax.Array:
+        """The weights of ``config``, drawn on first use."""
+        if config.weights_key not in self.cache:
+            t0 = time.perf_counter()
+            # Keep only the inits shared by every activation, to bound memory.
+            for k in [k for k in self.cache if len(k) > 1]:
+                del self.cache[k]
+            weights = draw_weights(config.init, config.init_fn, self.key, self.depth, self.width)
+            self.cache[config.weights_key] = weights.block_until_ready()
+            self.seconds += time.perf_counter() - t0
+        return self.cache[config.weights_key]
+
+
+def _run(
+    compiled: Any, config: _Config, weights: jax.Array, x: jax.Array, lsuv_args: tuple
+) -> DepthRow:
+    """Runs one configuration and builds its table row."""
+    act_index = mlp_scan.activation_index(config.activation)
+    t0 = time.perf_counter()
+    out = compiled(
+        weights,
+        x,
+        act_index,
+        jnp.asarray(config.batch_norm),
+        jnp.asarray(config.init == "lsuv"),
+        *lsuv_args,
+    )
+    out.pop("weights")
+    stats = mlp_scan.as_numpy(out)
+    seconds = time.perf_counter() - t0
+    bounded = config.activation in mlp_scan.SATURATION_MEASURES
+    sat = stats["saturated"] if bounded else np.full(len(stats["std"]), np.nan, np.float32)
+    return DepthRow(
+        activation=config.activation,
+        init=config.init,
+        init_label=config.label,
+        batch_norm=config.batch_norm,
+        std=stats["std"],
+        mean=stats["mean"],
+        saturated=sat,
+        pre_second_moment=stats["pre_second_moment"],
+        verdict=verdict(stats["std"], float(sat[-1]) if bounded else None),
+        seconds=seconds,
+    )
+
+
+def _progress_line(done: int, total: int, row: DepthRow, depth: int) -> str:
+    return (
+        f"[{done:{len(str(total))}d}/{total}] {row.activation:<8} {row.init_label:<28} "
+        f"bn={'yes' if row.batch_norm else 'no ':<3} std@{depth}={fmt(row.std[-1], 0)} "
+        f"{row.verdict} ({row.seconds:.2f} s)"
+    )
 
 
 def depth_report(
@@ -236,8 +349,8 @@ def depth_report(
 
     - ``normal``: ``ji.normal(1.0)``, the naive std-1 init;
     - ``lecun_normal``: ``ji.lecun_normal()``, flax's default (truncated, variance 1/fan_in);
-    - ``kaiming``: ``ji.kaiming_normal(nonlinearity=...)`` with torch's ``calculate_gain`` (torch
-      has no gelu, silu or elu entry: relu's gain is used for them);
+    - ``kaiming``: ``ji.kaiming_normal(nonlinearity=...)`` with torch's ``calculate_gain`` (relu's
+      gain for gelu, silu and elu, which torch's table lacks);
     - ``variance_gain``: ``ji.variance_scaling(g**2, "fan_in", "normal")`` with
       ``g = ji.variance_gain(f)``, the gain that keeps ``E[z^2] = 1`` exactly;
     - ``lsuv``: ``ji.orthogonal()`` kernels, then LSUV (Mishkin and Matas, 2015) rescales each
@@ -245,8 +358,7 @@ def depth_report(
       ``lsuv_tol`` of 1.
 
     With batch norm, train-mode ``ji.batch_norm`` (batch statistics, no scale or bias) normalizes
-    every pre-activation. One jitted ``lax.scan`` over the stacked weights serves every
-    configuration: weights, activation and flags are arguments, so it compiles once.
+    every pre-activation. One jitted ``lax.scan`` serves every configuration: it compiles once.
 
     Args:
         depth: number of layers.
@@ -275,81 +387,25 @@ def depth_report(
         >>> [(row.init, row.verdict) for row in r.rows]
         [('normal', 'explodes'), ('kaiming', 'holds')]
     """
-    for arg, value, least in (("depth", depth, 1), ("width", width, 1), ("batch", batch, 2)):
-        if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < least:
-            raise ValueError(f"{arg} must be an int >= {least}; got {value!r}.")
-    activations = _check_names(activations, _mlp.ACTIVATION_NAMES, "activations")
-    inits = _check_names(inits, DEPTH_INITS, "inits")
-    bn_settings = tuple(bool(b) for b in batch_norm)
-    if not bn_settings:
-        raise ValueError("batch_norm must list at least one setting, e.g. (False, True).")
-    if not 0.0 < saturation < 1.0:
-        raise ValueError(f"saturation must be in (0, 1); got {saturation!r}.")
+    activations, inits, bn_settings = _check_arguments(
+        depth, width, batch, activations, inits, batch_norm, saturation
+    )
     say = progress or (lambda line: None)
-
-    key = jax.random.key(seed)
-    kx, kw = jax.random.split(key)
+    kx, kw = jax.random.split(jax.random.key(seed))
     x = jax.random.normal(kx, (batch, width), jnp.float32)
-    tol = jnp.asarray(lsuv_tol, jnp.float32)
-    max_iters = jnp.asarray(lsuv_max_iters, jnp.int32)
+    lsuv_args = (jnp.asarray(lsuv_tol, jnp.float32), jnp.asarray(lsuv_max_iters, jnp.int32))
 
     t0 = time.perf_counter()
     compiled = _compiled_forward(depth, width, batch, float(saturation))
     compile_s = time.perf_counter() - t0
     say(f"compiled the {depth}-layer scan in {compile_s:.2f} s")
 
-    total = len(activations) * len(inits) * len(bn_settings)
-    cache: dict[tuple, jax.Array] = {}
+    configs = _configs(activations, inits, bn_settings)
+    weights = _Weights(kw, depth, width)
     rows: list[DepthRow] = []
-    init_s = run_s = 0.0
-    for activation in activations:
-        act_index = jnp.asarray(_mlp.ACTIVATION_NAMES.index(activation), jnp.int32)
-        bounded = _mlp.is_bounded(activation)
-        for init in inits:
-            init_fn, label, cache_key = _initializer(init, activation)
-            if cache_key not in cache:
-                t0 = time.perf_counter()
-                # Keep only the inits shared by every activation, to bound memory.
-                for k in [k for k in cache if len(k) > 1]:
-                    del cache[k]
-                cache[cache_key] = _draw(init, init_fn, kw, depth, width)
-                cache[cache_key].block_until_ready()
-                init_s += time.perf_counter() - t0
-            weights = cache[cache_key]
-            for bn in bn_settings:
-                t0 = time.perf_counter()
-                out = compiled(
-                    weights,
-                    x,
-                    act_index,
-                    jnp.asarray(bn),
-                    jnp.asarray(init == "lsuv"),
-                    tol,
-                    max_iters,
-                )
-                out.pop("weights")
-                stats = _mlp.as_numpy(out)
-                seconds = time.perf_counter() - t0
-                run_s += seconds
-                sat = stats["saturated"] if bounded else np.full(depth, np.nan, np.float32)
-                row = DepthRow(
-                    activation=activation,
-                    init=init,
-                    init_label=label,
-                    batch_norm=bn,
-                    std=stats["std"],
-                    mean=stats["mean"],
-                    saturated=sat,
-                    pre_second_moment=stats["pre_second_moment"],
-                    verdict=verdict(stats["std"], float(sat[-1]) if bounded else None),
-                    seconds=seconds,
-                )
-                rows.append(row)
-                say(
-                    f"[{len(rows):{len(str(total))}d}/{total}] {activation:<8} {label:<28} "
-                    f"bn={'yes' if bn else 'no ':<3} std@{depth}={_mlp.fmt(row.std[-1], 0)} "
-                    f"{row.verdict} ({seconds:.2f} s)"
-                )
+    for config in configs:
+        rows.append(_run(compiled, config, weights.get(config), x, lsuv_args))
+        say(_progress_line(len(rows), len(configs), rows[-1], depth))
     return DepthReport(
         rows=tuple(rows),
         depth=depth,
@@ -358,21 +414,21 @@ def depth_report(
         seed=seed,
         layers=_layers_shown(depth),
         compile_s=compile_s,
-        init_s=init_s,
-        run_s=run_s,
+        init_s=weights.seconds,
+        run_s=sum(r.seconds for r in rows),
     )
 
 
 def plot_depth(report: DepthReport, path: str, *, dpi: int = 100) -> str:
-    """Writes the std-by-depth curves of a :class:`DepthReport` as a PNG file.
+    r"""Writes the std-by-depth curves of a :class:`DepthReport` as a PNG file.
 
     One panel per activation (and batch-norm setting), one curve per init, log-scaled std.
-    Requires matplotlib (the ``plot`` extra); it is imported here, not with jaxinit.
+    Needs matplotlib (the ``plot`` extra), imported when called.
 
     Args:
         report: the result of :func:`depth_report`.
-        path: the PNG file to write.
-        dpi: resolution.
+        path: where the PNG goes.
+        dpi: its resolution.
 
     Returns:
         ``path``.
@@ -382,43 +438,43 @@ def plot_depth(report: DepthReport, path: str, *, dpi: int = 100) -> str:
 
     Example:
         >>> import os, tempfile, jaxinit as ji
-        >>> r = ji.depth_report(depth=4, width=16, batch=32, activations=["tanh"],
+        >>> r = ji.depth_report(depth=6, width=32, batch=64, activations=["tanh"],
         ...                     inits=["kaiming"], batch_norm=[False])
         >>> path = ji.plot_depth(r, os.path.join(tempfile.mkdtemp(), "depth.png"))
         >>> with open(path, "rb") as f:
         ...     f.read(8)
-        b'\\x89PNG\\r\\n\\x1a\\n'
+        b'\x89PNG\r\n\x1a\n'
     """
-    from jaxinit.diagnostics.plots import _pyplot
-
-    plt = _pyplot()
+    plt = pyplot()
     panels = sorted({(r.activation, r.batch_norm) for r in report.rows}, key=_panel_order(report))
     ncols = min(5, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.8 * nrows), squeeze=False)
-    layer = np.arange(1, report.depth + 1)
-    tiny = np.finfo(np.float32).tiny
-    for ax, (activation, bn) in zip(axes.flat, panels, strict=False):
-        for r in report.rows:
-            if (r.activation, r.batch_norm) != (activation, bn):
-                continue
-            std = np.where(np.isfinite(r.std), np.maximum(r.std, tiny), np.nan)
-            ax.plot(layer, std, label=f"{r.init} ({r.verdict})")
-        ax.set_yscale("log")
-        lo, hi = ax.get_ylim()
-        ax.set_ylim(min(lo, 0.1), max(hi, 10.0))  # at least two decades: flat curves look flat
-        ax.set_title(f"{activation}{' + BN' if bn else ''}", fontsize=9)
-        ax.set_xlabel("layer", fontsize=8)
-        ax.set_ylabel("activation std", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.legend(fontsize=6)
+    for ax, panel in zip(axes.flat, panels, strict=False):
+        _plot_panel(ax, report, panel)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.suptitle(f"std by depth (width {report.width}, batch {report.batch})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path, dpi)
+
+
+def _plot_panel(ax: Any, report: DepthReport, panel: tuple[str, bool]) -> None:
+    """One activation and batch-norm setting: a log-scaled std curve per init."""
+    activation, bn = panel
+    layer = np.arange(1, report.depth + 1)
+    tiny = np.finfo(np.float32).tiny
+    for r in report.rows:
+        if (r.activation, r.batch_norm) == panel:
+            std = np.where(np.isfinite(r.std), np.maximum(r.std, tiny), np.nan)
+            ax.plot(layer, std, label=f"{r.init} ({r.verdict})")
+    ax.set_yscale("log")
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(min(lo, 0.1), max(hi, 10.0))  # at least two decades: flat curves look flat
+    ax.set_title(f"{activation}{' + BN' if bn else ''}", fontsize=9)
+    ax.set_xlabel("layer", fontsize=8)
+    ax.set_ylabel("activation std", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=6)
 
 
 def _panel_order(report: DepthReport) -> Callable[[tuple[str, bool]], tuple[int, bool]]:

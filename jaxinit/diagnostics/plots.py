@@ -1,4 +1,4 @@
-"""PNG plots of diagnostics; matplotlib is imported lazily, only by these functions.
+"""PNG plots of diagnostics (matplotlib, imported when a plot is drawn).
 
 Karpathy's three pictures: histograms of each layer's activations, histograms of the gradients
 that reach each layer, and the update:data ratio of each weight over a few training steps.
@@ -6,39 +6,18 @@ that reach each layer, and the update:data ratio of each weight over a few train
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jaxinit.diagnostics import _capture
-from jaxinit.diagnostics.stats import Include, _loss_value, _selected, layer_outputs
+from jaxinit.diagnostics.plotting import pyplot, save_png
+from jaxinit.diagnostics.selection import Include, select
+from jaxinit.diagnostics.stats import layer_outputs
+from jaxinit.diagnostics.training import UpdateRatios
 
-__all__ = [
-    "UpdateRatios",
-    "plot_activations",
-    "plot_gradients",
-    "plot_histograms",
-    "plot_update_ratios",
-    "update_ratios",
-]
-
-
-def _pyplot():
-    """Imports matplotlib with the non-interactive Agg backend, or explains how to get it."""
-    try:
-        import matplotlib
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "jaxinit's plots need matplotlib: pip install 'jaxinit[plot]' (or matplotlib)."
-        ) from err
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
+__all__ = ["plot_activations", "plot_gradients", "plot_histograms", "plot_update_ratios"]
 
 
 def plot_histograms(
@@ -54,8 +33,7 @@ def plot_histograms(
     """Writes one density curve per named array (Karpathy's histogram plot) as a PNG file.
 
     Args:
-        values: name -> array, drawn in order; the legend shows mean and std (and the fraction
-            beyond ``saturation`` if given).
+        values: name -> array, drawn in order; the legend shows mean and std.
         path: the PNG file to write.
         title: figure title.
         xlabel: x-axis label.
@@ -79,8 +57,7 @@ def plot_histograms(
     """
     if not values:
         raise ValueError("values is empty: nothing to plot.")
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(10, 4))
+    fig, ax = pyplot().subplots(figsize=(10, 4))
     for name, v in values.items():
         a = np.asarray(jax.device_get(v), np.float64).ravel()
         a = a[np.isfinite(a)]
@@ -95,10 +72,7 @@ def plot_histograms(
     ax.set_xlabel(xlabel)
     ax.set_ylabel("density")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path, dpi)
 
 
 def plot_activations(
@@ -113,7 +87,7 @@ def plot_activations(
     leaves_only: bool = True,
     model_kwargs: Mapping[str, Any] | None = None,
 ) -> str:
-    """Histograms of every layer's output on a batch, as a PNG file.
+    r"""Histograms of every layer's output on a batch, as a PNG file.
 
     Args:
         model: a ``flax.linen.Module`` (with ``variables``) or a ``flax.nnx.Module``.
@@ -122,8 +96,8 @@ def plot_activations(
         variables: linen variables; None for nnx.
         activation: applied to each output first (e.g. ``jnp.tanh``), as in ``ji.diagnose``.
         saturation: the legend reports the fraction with ``|value|`` above it.
-        include: layer selection, as in ``ji.diagnose``.
-        leaves_only: keep only modules that call no other module.
+        include: which layers to draw, as in ``ji.diagnose``.
+        leaves_only: draw only modules that call no other module.
         model_kwargs: extra keyword arguments for the model call.
 
     Returns:
@@ -135,14 +109,14 @@ def plot_activations(
 
     Example:
         >>> import os, tempfile, jax, jax.numpy as jnp, flax.linen as nn, jaxinit as ji
-        >>> model = nn.Sequential([nn.Dense(16), nn.tanh, nn.Dense(16)])
-        >>> x = jax.random.normal(jax.random.key(0), (32, 4))
+        >>> model = nn.Sequential([nn.Dense(32), nn.tanh, nn.Dense(1)])
+        >>> x = jax.random.normal(jax.random.key(0), (64, 8))
         >>> v = model.init(jax.random.key(1), x)
         >>> p = ji.plot_activations(model, x, os.path.join(tempfile.mkdtemp(), "a.png"),
         ...                         variables=v, activation=jnp.tanh)
         >>> with open(p, "rb") as f:
         ...     f.read(4)
-        b'\\x89PNG'
+        b'\x89PNG'
     """
     outs = layer_outputs(
         model,
@@ -180,147 +154,40 @@ def plot_gradients(
         path: the PNG file to write.
         loss_fn: scalar loss of the model output.
         variables: linen variables; None for nnx.
-        include: layer selection, as in ``ji.diagnose``.
-        leaves_only: keep only modules that call no other module.
+        include: whose gradients to draw: layer selection as in ``ji.diagnose``.
+        leaves_only: only the gradients reaching modules that call no other module.
         model_kwargs: extra keyword arguments for the model call.
 
     Returns:
         ``path``.
 
     Raises:
-        ValueError: when no layer is selected.
+        ValueError: when no layer is selected or the loss is not a scalar.
         ImportError: when matplotlib is not installed.
 
     Example:
         >>> import os, tempfile, jax, jax.numpy as jnp, flax.linen as nn, jaxinit as ji
-        >>> model = nn.Sequential([nn.Dense(16), nn.tanh, nn.Dense(1)])
-        >>> x = jax.random.normal(jax.random.key(0), (32, 4))
-        >>> v = model.init(jax.random.key(1), x)
-        >>> p = ji.plot_gradients(model, x, jnp.zeros((32, 1)),
-        ...                       os.path.join(tempfile.mkdtemp(), "g.png"), variables=v,
-        ...                       loss_fn=lambda o, y: jnp.mean((o - y) ** 2))
-        >>> with open(p, "rb") as f:
-        ...     f.read(4)
-        b'\\x89PNG'
+        >>> model = nn.Sequential([nn.Dense(32), nn.tanh, nn.Dense(1)])
+        >>> x = jax.random.normal(jax.random.key(0), (64, 8))
+        >>> loss = lambda out, y: jnp.mean((out - y) ** 2)
+        >>> path = os.path.join(tempfile.mkdtemp(), "g.png")
+        >>> ji.plot_gradients(model, x, jnp.zeros((64, 1)), path, loss_fn=loss,
+        ...                   variables=model.init(jax.random.key(1), x)) == path
+        True
     """
-    ad = _capture.adapter(model, variables, model_kwargs)
-    shapes = jax.eval_shape(lambda p: [r.value for r in ad.run(p, x)[1]], ad.params)
-    eps = [jnp.zeros(s.shape, s.dtype) for s in shapes]
-    meta: list[list[_capture.Record]] = []
+    from jaxinit.diagnostics.flax_models import adapter
 
-    def objective(eps):
-        out, records, _ = ad.run(ad.params, x, eps)
-        meta.append(records)
-        return _loss_value(loss_fn, out, y)
-
-    geps = jax.grad(objective)(eps)
-    records = [dataclasses.replace(r, value=g) for r, g in zip(meta[-1], geps, strict=True)]
-    grads = {r.name: r.value for r in _selected(records, leaves_only, include)}
+    ad = adapter(model, variables, model_kwargs)
+    _, _, records, record_grads = ad.gradients(ad.params, x, y, loss_fn)
+    grads = {records[i].name: record_grads[i] for i in select(records, leaves_only, include)}
     return plot_histograms(grads, path, title="gradient distribution", xlabel="gradient")
-
-
-@dataclasses.dataclass(frozen=True)
-class UpdateRatios:
-    """``log10(std(update) / std(param))`` per training step and weight.
-
-    Attributes:
-        names: parameter names.
-        ratios: array of shape ``(steps, len(names))``.
-        losses: the loss before each step, shape ``(steps,)``.
-    """
-
-    names: tuple[str, ...]
-    ratios: np.ndarray
-    losses: np.ndarray
-
-
-def update_ratios(
-    model: Any,
-    x: Any,
-    y: Any,
-    *,
-    loss_fn: Callable[..., jax.Array],
-    optimizer: Any,
-    steps: int = 10,
-    variables: Mapping[str, Any] | None = None,
-    weights_only: bool = True,
-    model_kwargs: Mapping[str, Any] | None = None,
-) -> UpdateRatios:
-    """Trains a copy of the model for a few steps on one batch, recording update:data ratios.
-
-    The model (or variables) passed in is not changed. Non-parameter state (batch-norm
-    statistics) is carried from step to step. One jitted step serves every iteration.
-
-    Args:
-        model: a ``flax.linen.Module`` (with ``variables``) or a ``flax.nnx.Module``.
-        x: the batch.
-        y: targets for ``loss_fn(output, y)`` (None: ``loss_fn(output)``).
-        loss_fn: scalar loss of the model output.
-        optimizer: an optax ``GradientTransformation``.
-        steps: number of steps (>= 1).
-        variables: linen variables; None for nnx.
-        weights_only: only parameters with ``ndim >= 2``.
-        model_kwargs: extra keyword arguments for the model call.
-
-    Returns:
-        An :class:`UpdateRatios`.
-
-    Raises:
-        ValueError: for ``steps < 1``.
-
-    Example:
-        >>> import jax, jax.numpy as jnp, optax, flax.linen as nn, jaxinit as ji
-        >>> model = nn.Sequential([nn.Dense(16), nn.tanh, nn.Dense(1)])
-        >>> x = jax.random.normal(jax.random.key(0), (32, 4))
-        >>> v = model.init(jax.random.key(1), x)
-        >>> r = ji.update_ratios(model, x, jnp.zeros((32, 1)), variables=v, steps=3,
-        ...                      loss_fn=lambda o, y: jnp.mean((o - y) ** 2),
-        ...                      optimizer=optax.sgd(1e-2))
-        >>> r.names, r.ratios.shape
-        (('layers_0/kernel', 'layers_2/kernel'), (3, 2))
-    """
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1; got {steps!r}.")
-    ad = _capture.adapter(model, variables, model_kwargs)
-    names = tuple(n for n, p in ad.params.items() if not weights_only or jnp.ndim(p) >= 2)
-
-    @jax.jit
-    def step(params, other, opt_state):
-        def objective(p):
-            out, _, new_other = ad.run(p, x, None, other)
-            return _loss_value(loss_fn, out, y), new_other
-
-        (loss, new_other), grads = jax.value_and_grad(objective, has_aux=True)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        ratio = jnp.stack(
-            [
-                jnp.log10(jnp.std(updates[n].astype(jnp.float32)))
-                - jnp.log10(jnp.std(params[n].astype(jnp.float32)))
-                for n in names
-            ]
-        )
-        params = jax.tree.map(lambda p, u: p + u, params, updates)
-        return params, new_other, opt_state, ratio, loss
-
-    params, other = ad.params, ad.other
-    opt_state = optimizer.init(params)
-    ratios, losses = [], []
-    for _ in range(steps):
-        params, other, opt_state, ratio, loss = step(params, other, opt_state)
-        ratios.append(ratio)
-        losses.append(loss)
-    return UpdateRatios(
-        names=names,
-        ratios=np.asarray(jax.device_get(jnp.stack(ratios))),
-        losses=np.asarray(jax.device_get(jnp.stack(losses))),
-    )
 
 
 def plot_update_ratios(ratios: UpdateRatios, path: str, *, dpi: int = 100) -> str:
     """Plots update:data ratios over training steps as a PNG, with the healthy -3 marked.
 
     Args:
-        ratios: the output of :func:`update_ratios`.
+        ratios: the output of ``ji.update_ratios``.
         path: the PNG file to write.
         dpi: resolution.
 
@@ -336,8 +203,7 @@ def plot_update_ratios(ratios: UpdateRatios, path: str, *, dpi: int = 100) -> st
         >>> ji.plot_update_ratios(r, os.path.join(tempfile.mkdtemp(), "u.png"))[-5:]
         'u.png'
     """
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(10, 4))
+    fig, ax = pyplot().subplots(figsize=(10, 4))
     steps = np.arange(1, ratios.ratios.shape[0] + 1)
     for i, name in enumerate(ratios.names):
         ax.plot(steps, ratios.ratios[:, i], marker=".", label=name)
@@ -346,7 +212,4 @@ def plot_update_ratios(ratios: UpdateRatios, path: str, *, dpi: int = 100) -> st
     ax.set_ylabel("log10(std(update) / std(param))")
     ax.set_title("update:data ratio")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path, dpi)

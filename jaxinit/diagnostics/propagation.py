@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinit.diagnostics import _mlp
+from jaxinit.diagnostics import mlp_scan
+from jaxinit.diagnostics.tables import fmt
 
 __all__ = ["PropagationResult", "assert_stable", "propagation"]
 
@@ -35,9 +36,10 @@ class PropagationResult:
         return int(self.forward.shape[0])
 
     def __str__(self) -> str:
+        """A table of both second moments, one line per layer."""
         lines = [f"layer  E[z^2] fwd  E[g^2] bwd   ({self.activation}, depth {self.depth})"]
         for i, (f, b) in enumerate(zip(self.forward, self.backward, strict=True)):
-            lines.append(f"{i + 1:5d}  {_mlp.fmt(f, 10)}  {_mlp.fmt(b, 10)}")
+            lines.append(f"{i + 1:5d}  {fmt(f, 10)}  {fmt(b, 10)}")
         return "\n".join(lines)
 
 
@@ -74,24 +76,23 @@ def propagation(
 
     Example:
         >>> import jaxinit as ji
-        >>> r = ji.propagation(ji.kaiming_normal(nonlinearity="relu"), "relu", 10, width=128)
+        >>> init = ji.kaiming_normal(nonlinearity="relu")
+        >>> r = ji.propagation(init, "relu", 5, width=512, batch=64)
         >>> r.forward.shape
-        (10,)
+        (5,)
         >>> ji.assert_stable(r)
     """
-    name = _mlp.check_activation(activation)
-    for arg, value, least in (("depth", depth, 1), ("width", width, 1), ("batch", batch, 2)):
-        if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < least:
-            raise ValueError(f"{arg} must be an int >= {least}; got {value!r}.")
+    name = mlp_scan.check_activation(activation)
+    mlp_scan.check_sizes(depth, width, batch)
     if not callable(init):
         raise TypeError(f"init must be an initializer init(key, shape, dtype); got {init!r}.")
     key = jax.random.key(0) if key is None else key
     kw, kx, kg = jax.random.split(key, 3)
-    weights = _mlp.stacked_weights(init, kw, depth, width, jit=False)
+    weights = mlp_scan.stacked_weights(init, kw, depth, width, jit=False)
     x = jax.random.normal(kx, (batch, width), jnp.float32)
     cot = jax.random.normal(kg, (batch, width), jnp.float32)
-    act_index = jnp.asarray(_mlp.ACTIVATION_NAMES.index(name), jnp.int32)
-    fwd, bwd = _mlp.as_numpy(_mlp.propagate(weights, x, cot, act_index))
+    act_index = mlp_scan.activation_index(name)
+    fwd, bwd = mlp_scan.as_numpy(mlp_scan.propagate(weights, x, cot, act_index))
     return PropagationResult(activation=name, forward=fwd, backward=bwd)
 
 
@@ -144,7 +145,7 @@ def assert_stable(
 
     Example:
         >>> import jaxinit as ji
-        >>> r = ji.propagation(ji.normal(1.0), "linear", 10, width=128)
+        >>> r = ji.propagation(ji.normal(1.0), "linear", 5, width=512, batch=64)
         >>> ji.assert_stable(r)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
             ...

@@ -1,38 +1,68 @@
 """Per-layer activation and gradient statistics of Flax models (Karpathy's diagnostics).
 
 ``diagnose`` runs one probe batch through a linen or nnx model and returns, per layer, the
-activation mean, std, saturated fraction and dead fraction, and (given a loss) the gradient that
-reaches the layer; per parameter, the gradient mean and std, the grad:data ratio and (given an
-optax optimizer) the update:data ratio ``log10(std(update) / std(param))`` of one step. The
-result is a pytree, so the whole call can sit under ``jax.jit``.
+activation mean, std, saturated and dead fractions and (given a loss) the gradient reaching the
+layer; per parameter, the gradient statistics, the grad:data ratio and (given an optax optimizer)
+the update:data ratio ``log10(std(update) / std(param))`` of one step. The result is a pytree,
+so the whole call can sit under ``jax.jit``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxinit.diagnostics import _capture
-from jaxinit.diagnostics._mlp import fmt
+from jaxinit.diagnostics.selection import Include, select
+from jaxinit.diagnostics.tables import fmt, stats_table
 
 __all__ = ["Diagnostics", "LayerStats", "ParamStats", "diagnose", "layer_outputs"]
-
-Include = str | Sequence[str] | Callable[[str], bool] | None
 
 
 def _static() -> Any:
     return dataclasses.field(metadata={"static": True})
 
 
+def _array_fields(cls: type) -> tuple[str, ...]:
+    """The names of a statistics dataclass's array fields, in order."""
+    return tuple(f.name for f in dataclasses.fields(cls) if not f.metadata.get("static"))
+
+
+def _label(value: Any) -> str:
+    return str(tuple(value)) if isinstance(value, tuple | list) else str(value)
+
+
+class _Table:
+    """``table()`` and ``str()`` of a statistics class: its label columns, then its arrays.
+
+    ``_LABELS`` maps the label columns' titles to their (static) fields. An array field's column
+    title is its name with spaces, or ``_TITLES[name]``; ``_CELL`` is the width of those columns.
+    """
+
+    _LABELS: ClassVar[dict[str, str]] = {}
+    _TITLES: ClassVar[dict[str, str]] = {}
+    _CELL: ClassVar[int] = 11
+
+    def table(self) -> str:
+        """The statistics as a fixed-width text table."""
+        labels = {t: [_label(v) for v in getattr(self, f)] for t, f in self._LABELS.items()}
+        stats = {
+            self._TITLES.get(name, name.replace("_", " ")): getattr(self, name)
+            for name in _array_fields(type(self))
+        }
+        return stats_table(labels, stats, self._CELL)
+
+    def __str__(self) -> str:
+        """The table."""
+        return self.table()
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class LayerStats:
+class LayerStats(_Table):
     """Statistics of each layer's output on the probe batch; arrays have one entry per layer.
 
     Attributes:
@@ -47,6 +77,8 @@ class LayerStats:
         grad_std: its standard deviation (NaN without loss).
     """
 
+    _LABELS: ClassVar[dict[str, str]] = {"layer": "names", "kind": "kinds"}
+
     names: tuple[str, ...] = _static()
     kinds: tuple[str, ...] = _static()
     mean: jax.Array = None  # type: ignore[assignment]
@@ -56,28 +88,13 @@ class LayerStats:
     grad_mean: jax.Array = None  # type: ignore[assignment]
     grad_std: jax.Array = None  # type: ignore[assignment]
 
-    def table(self) -> str:
-        """The statistics as a fixed-width text table."""
-        w = max([len("layer")] + [len(n) for n in self.names])
-        k = max([len("kind")] + [len(n) for n in self.kinds])
-        cols = ("mean", "std", "saturated", "dead", "grad mean", "grad std")
-        lines = [f"{'layer':<{w}}  {'kind':<{k}}" + "".join(f"{c:>11}" for c in cols)]
-        values = [np.asarray(getattr(self, f)) for f in _LAYER_FIELDS]
-        for i, (name, kind) in enumerate(zip(self.names, self.kinds, strict=True)):
-            cells = "".join(fmt(v[i], 11) for v in values)
-            lines.append(f"{name:<{w}}  {kind:<{k}}{cells}")
-        return "\n".join(lines)
 
-    def __str__(self) -> str:
-        return self.table()
-
-
-_LAYER_FIELDS = ("mean", "std", "saturated", "dead", "grad_mean", "grad_std")
+_LAYER_FIELDS = _array_fields(LayerStats)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class ParamStats:
+class ParamStats(_Table):
     """Statistics of each parameter array; arrays have one entry per parameter.
 
     Attributes:
@@ -91,6 +108,10 @@ class ParamStats:
             optimizer); about -3 is healthy.
     """
 
+    _LABELS: ClassVar[dict[str, str]] = {"parameter": "names", "shape": "shapes"}
+    _TITLES: ClassVar[dict[str, str]] = {"grad_data": "grad:data", "update_data": "log10 upd:data"}
+    _CELL: ClassVar[int] = 15
+
     names: tuple[str, ...] = _static()
     shapes: tuple[tuple[int, ...], ...] = _static()
     std: jax.Array = None  # type: ignore[assignment]
@@ -98,25 +119,6 @@ class ParamStats:
     grad_std: jax.Array = None  # type: ignore[assignment]
     grad_data: jax.Array = None  # type: ignore[assignment]
     update_data: jax.Array = None  # type: ignore[assignment]
-
-    def table(self) -> str:
-        """The statistics as a fixed-width text table."""
-        w = max([len("parameter")] + [len(n) for n in self.names])
-        shapes = [str(tuple(s)) for s in self.shapes]
-        s = max([len("shape")] + [len(x) for x in shapes])
-        cols = ("std", "grad mean", "grad std", "grad:data", "log10 upd:data")
-        lines = [f"{'parameter':<{w}}  {'shape':<{s}}" + "".join(f"{c:>15}" for c in cols)]
-        values = [np.asarray(getattr(self, f)) for f in _PARAM_FIELDS]
-        for i, name in enumerate(self.names):
-            cells = "".join(fmt(v[i], 15) for v in values)
-            lines.append(f"{name:<{w}}  {shapes[i]:<{s}}{cells}")
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.table()
-
-
-_PARAM_FIELDS = ("std", "grad_mean", "grad_std", "grad_data", "update_data")
 
 
 @jax.tree_util.register_dataclass
@@ -135,36 +137,12 @@ class Diagnostics:
     loss: jax.Array
 
     def __str__(self) -> str:
+        """Both tables and the loss."""
         return f"{self.layers.table()}\n\n{self.params.table()}\n\nloss {fmt(self.loss, 0)}"
-
-
-def _include_fn(include: Include) -> Callable[[str], bool]:
-    if include is None:
-        return lambda name: True
-    if isinstance(include, str):
-        pattern = re.compile(include)
-        return lambda name: pattern.search(name) is not None
-    if callable(include):
-        return include
-    names = set(include)
-    return lambda name: name in names
-
-
-def _selected(records: list[_capture.Record], leaves_only: bool, include: Include):
-    keep = _include_fn(include)
-    return [r for r in records if (r.leaf or not leaves_only) and keep(r.name)]
 
 
 def _float(x: jax.Array) -> jax.Array:
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
-def _activation_stats(v: jax.Array, saturation: float) -> tuple[jax.Array, ...]:
-    v = _float(v)
-    flat = v.reshape(-1, v.shape[-1])
-    dead = jnp.mean(jnp.all(flat == 0, axis=0).astype(v.dtype))
-    sat = jnp.mean((jnp.abs(v) > saturation).astype(v.dtype))
-    return jnp.mean(v), jnp.std(v), sat, dead
 
 
 def _stack(values: Sequence[jax.Array]) -> jax.Array:
@@ -188,12 +166,24 @@ def _check_common(saturation: float, loss_fn: Any, optimizer: Any) -> None:
         raise TypeError(f"optimizer must be an optax GradientTransformation; got {optimizer!r}.")
 
 
-def _loss_value(loss_fn: Callable[..., Any], out: Any, y: Any) -> jax.Array:
-    loss = loss_fn(out) if y is None else loss_fn(out, y)
-    loss = jnp.asarray(loss)
-    if loss.shape != ():
-        raise ValueError(f"loss_fn must return a scalar; got shape {loss.shape}.")
-    return loss
+def _layer_stats(records: Sequence[Any], grads: Sequence[Any], activation: Any, saturation: float):
+    """The :class:`LayerStats` of the chosen records and the gradients reaching them (or None)."""
+    cols: dict[str, list[jax.Array]] = {f: [] for f in _LAYER_FIELDS}
+    for r, g in zip(records, grads, strict=True):
+        v = _float(activation(r.value) if activation is not None else r.value)
+        flat = v.reshape(-1, v.shape[-1])
+        cols["mean"].append(jnp.mean(v))
+        cols["std"].append(jnp.std(v))
+        cols["saturated"].append(jnp.mean((jnp.abs(v) > saturation).astype(v.dtype)))
+        cols["dead"].append(jnp.mean(jnp.all(flat == 0, axis=0).astype(v.dtype)))
+        nan = jnp.float32(jnp.nan)
+        cols["grad_mean"].append(nan if g is None else jnp.mean(_float(g)))
+        cols["grad_std"].append(nan if g is None else jnp.std(_float(g)))
+    return LayerStats(
+        names=tuple(r.name for r in records),
+        kinds=tuple(r.kind for r in records),
+        **{f: _stack(cols[f]) for f in _LAYER_FIELDS},
+    )
 
 
 def diagnose(
@@ -213,13 +203,10 @@ def diagnose(
 ) -> Diagnostics:
     """Per-layer and per-parameter statistics of a Flax model on one probe batch.
 
-    Layers are module calls, recorded in forward order: for linen through
-    ``flax.linen.intercept_methods``, for nnx by wrapping the modules' ``__call__`` on a fresh
-    copy of the model (the model passed in is not modified, batch-norm statistics included). By
-    default only leaf modules count (``Dense``, ``Conv``, ``BatchNorm``, ...; not containers).
-    Activation functions applied as plain functions are not modules: pass ``activation`` to
-    look at ``f(output)`` (e.g. ``jnp.tanh`` for a Dense-tanh stack), and ``include`` to pick
-    layers.
+    Layers are module calls in forward order; by default only leaf modules count (``Dense``,
+    ``Conv``, ``BatchNorm``, ...; not containers). nnx models run on a copy, so the model passed
+    in is not modified. Activations applied as plain functions are not modules: pass
+    ``activation`` to look at ``f(output)`` (e.g. ``jnp.tanh`` for a Dense-tanh stack).
 
     Args:
         model: a ``flax.linen.Module`` (then ``variables`` is required) or a ``flax.nnx.Module``.
@@ -262,58 +249,26 @@ def diagnose(
         >>> bool(jnp.allclose(d.params.update_data, jnp.log10(0.1 * d.params.grad_data)))
         True
     """
-    _check_common(saturation, loss_fn, optimizer)
-    ad = _capture.adapter(model, variables, model_kwargs)
-    params = ad.params
+    from jaxinit.diagnostics.flax_models import adapter
 
+    _check_common(saturation, loss_fn, optimizer)
+    ad = adapter(model, variables, model_kwargs)
     if loss_fn is None:
-        _, records, _ = ad.run(params, x)
-        chosen = _selected(records, leaves_only, include)
-        grads_act = [None] * len(chosen)
-        grads = None
+        _, records, _ = ad.run(ad.params, x)
+        grads, record_grads = None, [None] * len(records)
         loss = jnp.full((), jnp.nan, jnp.float32)
     else:
-        shapes = jax.eval_shape(lambda p: [r.value for r in ad.run(p, x)[1]], params)
-        eps = [jnp.zeros(s.shape, s.dtype) for s in shapes]
-
-        meta: list[list[_capture.Record]] = []
-
-        def objective(p, eps):
-            out, records, _ = ad.run(p, x, eps)
-            meta.append(records)
-            return _loss_value(loss_fn, out, y), [r.value for r in records]
-
-        (loss, values), (grads, geps) = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)(
-            params, eps
-        )
-        records = [dataclasses.replace(r, value=v) for r, v in zip(meta[-1], values, strict=True)]
-        index = {id(r): i for i, r in enumerate(records)}
-        chosen = _selected(records, leaves_only, include)
-        grads_act = [geps[index[id(r)]] for r in chosen]
+        loss, grads, records, record_grads = ad.gradients(ad.params, x, y, loss_fn)
         loss = jnp.asarray(loss, jnp.float32)
-
-    cols: dict[str, list[jax.Array]] = {f: [] for f in _LAYER_FIELDS}
-    for r, g in zip(chosen, grads_act, strict=True):
-        v = activation(r.value) if activation is not None else r.value
-        mean, std, sat, dead = _activation_stats(v, float(saturation))
-        cols["mean"].append(mean)
-        cols["std"].append(std)
-        cols["saturated"].append(sat)
-        cols["dead"].append(dead)
-        if g is None:
-            cols["grad_mean"].append(jnp.float32(jnp.nan))
-            cols["grad_std"].append(jnp.float32(jnp.nan))
-        else:
-            g = _float(g)
-            cols["grad_mean"].append(jnp.mean(g))
-            cols["grad_std"].append(jnp.std(g))
-    layers = LayerStats(
-        names=tuple(r.name for r in chosen),
-        kinds=tuple(r.kind for r in chosen),
-        **{f: _stack(cols[f]) for f in _LAYER_FIELDS},
+    chosen = select(records, leaves_only, include)
+    layers = _layer_stats(
+        [records[i] for i in chosen],
+        [record_grads[i] for i in chosen],
+        activation,
+        float(saturation),
     )
     return Diagnostics(
-        layers=layers, params=_param_stats(params, grads, optimizer, weights_only), loss=loss
+        layers=layers, params=_param_stats(ad.params, grads, optimizer, weights_only), loss=loss
     )
 
 
@@ -323,24 +278,14 @@ def _param_stats(
     names = [n for n, p in params.items() if not weights_only or jnp.ndim(p) >= 2]
     n = len(names)
     stds = _stack([jnp.std(_float(params[k])) for k in names])
-    if grads is None:
-        return ParamStats(
-            names=tuple(names),
-            shapes=tuple(tuple(jnp.shape(params[k])) for k in names),
-            std=stds,
-            grad_mean=_nan(n),
-            grad_std=_nan(n),
-            grad_data=_nan(n),
-            update_data=_nan(n),
-        )
-    gmean = _stack([jnp.mean(_float(grads[k])) for k in names])
-    gstd = _stack([jnp.std(_float(grads[k])) for k in names])
+    gmean = gstd = update_data = _nan(n)
+    if grads is not None:
+        gmean = _stack([jnp.mean(_float(grads[k])) for k in names])
+        gstd = _stack([jnp.std(_float(grads[k])) for k in names])
     if optimizer is not None:
         updates, _ = optimizer.update(grads, optimizer.init(params), params)
         ustd = _stack([jnp.std(_float(updates[k])) for k in names])
         update_data = jnp.log10(ustd / stds)
-    else:
-        update_data = _nan(n)
     return ParamStats(
         names=tuple(names),
         shapes=tuple(tuple(jnp.shape(params[k])) for k in names),
@@ -386,6 +331,8 @@ def layer_outputs(
         >>> {k: v.shape for k, v in ji.layer_outputs(model, jnp.ones((3, 4))).items()}
         {'layers/0': (3, 8), 'layers/2': (3, 2)}
     """
-    ad = _capture.adapter(model, variables, model_kwargs)
+    from jaxinit.diagnostics.flax_models import adapter
+
+    ad = adapter(model, variables, model_kwargs)
     _, records, _ = ad.run(ad.params, x)
-    return {r.name: r.value for r in _selected(records, leaves_only, include)}
+    return {records[i].name: records[i].value for i in select(records, leaves_only, include)}

@@ -1,75 +1,80 @@
-"""The deep bias-free MLP of the depth experiment, as one ``lax.scan`` over stacked weights.
+"""The deep bias-free MLP of the depth experiment and the propagation checker, as a ``lax.scan``.
 
 Everything that changes between configurations (weights, activation, batch norm, LSUV) is an
 argument of the jitted functions here, never a closure, so one compilation serves every
-configuration of a given shape.
+configuration of a given shape. The activation functions come from the registry of
+``jaxinit._src.gains`` (the one ``variance_gain`` uses).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-Activation = Callable[[jax.Array], jax.Array]
+from jaxinit._src.batch_norm import batch_norm, batch_norm_state
+from jaxinit._src.gains import activation_fn
 
+# The activations these MLPs take, in the order of their ``lax.switch`` index.
+ACTIVATION_NAMES: tuple[str, ...] = (
+    "linear",
+    "relu",
+    "leaky_relu",
+    "tanh",
+    "sigmoid",
+    "gelu",
+    "silu",
+    "elu",
+    "selu",
+)
 
-def _linear(z: jax.Array) -> jax.Array:
-    return z
-
-
-# name -> (function, torch calculate_gain entry used by "kaiming", saturation measure or None).
-# torch's table has no gelu, silu or elu; relu's gain is the customary stand-in for them.
-ACTIVATIONS: dict[str, tuple[Activation, str, Activation | None]] = {
-    "linear": (_linear, "linear", None),
-    "relu": (jax.nn.relu, "relu", None),
-    "leaky_relu": (jax.nn.leaky_relu, "leaky_relu", None),
-    "tanh": (jnp.tanh, "tanh", jnp.abs),
-    "sigmoid": (jax.nn.sigmoid, "sigmoid", lambda h: jnp.abs(2.0 * h - 1.0)),
-    "gelu": (jax.nn.gelu, "relu", None),
-    "silu": (jax.nn.silu, "relu", None),
-    "elu": (jax.nn.elu, "relu", None),
-    "selu": (jax.nn.selu, "selu", None),
+# The bounded activations' saturation measure: a unit is saturated when it exceeds the threshold.
+SATURATION_MEASURES: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "tanh": jnp.abs,
+    "sigmoid": lambda h: jnp.abs(2.0 * h - 1.0),
 }
-ACTIVATION_NAMES: tuple[str, ...] = tuple(ACTIVATIONS)
 
 
 def check_activation(name: object, argname: str = "activation") -> str:
-    """Returns ``name`` if it is a known activation name, else raises ValueError."""
-    if not isinstance(name, str) or name not in ACTIVATIONS:
+    """Returns ``name`` if it is one of :data:`ACTIVATION_NAMES`, else raises ValueError."""
+    if not isinstance(name, str) or name not in ACTIVATION_NAMES:
         raise ValueError(f"{argname} must be one of {', '.join(ACTIVATION_NAMES)}; got {name!r}.")
     return name
 
 
-def is_bounded(name: str) -> bool:
-    """Whether the named activation saturates (has a saturation measure)."""
-    return ACTIVATIONS[name][2] is not None
+def check_sizes(depth: object, width: object, batch: object) -> None:
+    """Raises ValueError unless depth >= 1, width >= 1 and batch >= 2 are ints."""
+    for arg, value, least in (("depth", depth, 1), ("width", width, 1), ("batch", batch, 2)):
+        if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{arg} must be an int >= {least}; got {value!r}.")
+
+
+def activation_index(name: str) -> jax.Array:
+    """The ``act_index`` argument of :func:`depth_forward` and :func:`propagate` for ``name``."""
+    return jnp.asarray(ACTIVATION_NAMES.index(name), jnp.int32)
+
+
+def _branch(name: str) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
+    fn = activation_fn(name)
+    saturation = SATURATION_MEASURES.get(name)
+
+    def run(z):
+        h = fn(z)
+        return h, saturation(h) if saturation is not None else jnp.zeros_like(h)
+
+    return run
 
 
 def _apply(act_index: jax.Array, z: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Applies activation number ``act_index``; returns (h, saturation measure of h)."""
-
-    def branch(entry):
-        fn, _, sat = entry
-
-        def run(z):
-            h = fn(z)
-            s = sat(h) if sat is not None else jnp.zeros_like(h)
-            return h, s
-
-        return run
-
-    return jax.lax.switch(act_index, [branch(e) for e in ACTIVATIONS.values()], z)
+    return jax.lax.switch(act_index, [_branch(name) for name in ACTIVATION_NAMES], z)
 
 
 def _standardize(z: jax.Array) -> jax.Array:
     """Train-mode batch norm over the batch axis (no scale or bias): ``ji.batch_norm``."""
-    from jaxinit._src.batch_norm import batch_norm, batch_norm_state
-
     y, _ = batch_norm(z, batch_norm_state(z.shape[-1]), training=True)
     return y
 
@@ -179,20 +184,6 @@ def stacked_weights(
         else (lambda k: init(k, (width, width), jnp.float32))
     )
     return jnp.stack([draw(k) for k in jax.random.split(key, depth)])
-
-
-def fmt(value: float, width: int = 9) -> str:
-    """Formats a statistic for a table: 3 significant digits, ``inf``/``nan`` spelled out."""
-    v = float(value)
-    if math.isnan(v):
-        return "nan".rjust(width)
-    if math.isinf(v):
-        return ("inf" if v > 0 else "-inf").rjust(width)
-    if v == 0.0:
-        return "0".rjust(width)
-    if 1e-2 <= abs(v) < 1e4:
-        return f"{v:.3g}".rjust(width)
-    return f"{v:.2e}".rjust(width)
 
 
 def as_numpy(tree):

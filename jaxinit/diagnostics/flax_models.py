@@ -1,22 +1,20 @@
-"""Running a Flax model (linen or nnx) as a pure function that reports every layer's output.
+"""Flax models (linen or nnx) as pure functions that report every layer's output.
 
-A layer is a module call. Both adapters record, in the order the calls *finish* (which is forward
-order for leaf layers), the module path, its class name, whether it called other modules (then it
-is not a leaf) and its output, optionally plus a perturbation so that ``jax.grad`` with respect to
-the perturbations gives the gradient reaching that output.
+The only diagnostics module that imports flax; the others import it when a model diagnostic is
+called, so ``import jaxinit`` does not load flax.
 
-- linen: ``flax.linen.intercept_methods`` sees every ``__call__`` of every module; the model runs
-  through ``model.apply(..., mutable=True)`` so batch-norm layers in training mode work without
-  the caller naming collections.
-- nnx: the model is split into its ``nnx.Param`` state and everything else, merged afresh in each
-  run (the caller's model is never mutated), and the ``__call__`` of each module class in the graph
-  is wrapped for the duration of the call (the same device ``nnx.capture`` uses), recording only
-  calls on the merged instances.
+A layer is a module call. Both adapters record, in the order the calls *finish* (forward order
+for leaf layers), the module path, its class name, whether it called other modules (then it is
+not a leaf) and its output, optionally plus a perturbation, so that ``jax.grad`` with respect to
+the perturbations is the gradient reaching that output.
 
-Parameters are exchanged as a flat ``dict`` from ``"path/to/kernel"`` to array, the same for both
-frameworks, so statistics, gradients, optimizers and LSUV work on one representation.
+- linen: ``flax.linen.intercept_methods`` sees every ``__call__``; the model runs through
+  ``model.apply(..., mutable=True)`` so batch norm in training mode works.
+- nnx: the model is split into its ``nnx.Param`` state and the rest, merged afresh in each run
+  (the caller's model is never mutated), and the ``__call__`` of each module class in the graph
+  is wrapped for the duration of the run, recording only calls on the merged instances.
 
-flax is imported inside functions only.
+Parameters are a flat ``dict`` from ``"path/to/kernel"`` to array for both frameworks.
 """
 
 from __future__ import annotations
@@ -28,26 +26,48 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
+from flax import nnx, traverse_util
 
 Params = dict[str, jax.Array]
 
 
 @dataclasses.dataclass
 class Record:
-    """One recorded module call."""
+    """One recorded module call.
+
+    Attributes:
+        name: the module path joined by ``/`` (``<root>`` for the top module); a module called
+            again gets ``#2``, ``#3``, ... appended.
+        path: the module path.
+        kind: the module's class name.
+        leaf: whether the call made no other module call.
+        value: the call's output.
+        kernel: flat name of the module's kernel parameter, or None.
+        bias: flat name of its bias parameter, or None.
+    """
 
     name: str
     path: tuple
     kind: str
     leaf: bool
-    value: jax.Array
-    kernel: str | None  # flat name of the module's kernel parameter, if it has one
-    bias: str | None  # flat name of its bias parameter, if it has one
+    value: Any
+    kernel: str | None
+    bias: str | None
 
 
 def path_name(path: tuple) -> str:
-    """``("block", 0, "kernel") -> "block/0/kernel"``."""
+    """Joins a path: ``("block", 0, "kernel") -> "block/0/kernel"``."""
     return "/".join(str(p) for p in path)
+
+
+def loss_value(loss_fn: Callable[..., Any], out: Any, y: Any) -> jax.Array:
+    """Returns ``loss_fn(out, y)`` (``loss_fn(out)`` when ``y`` is None), checked to be a scalar."""
+    loss = loss_fn(out) if y is None else loss_fn(out, y)
+    loss = jnp.asarray(loss)
+    if loss.shape != ():
+        raise ValueError(f"loss_fn must return a scalar; got shape {loss.shape}.")
+    return loss
 
 
 def _is_float_array(x: Any) -> bool:
@@ -64,64 +84,99 @@ class _Recorder:
         self.param_names = param_names
         self.seen: dict[str, int] = {}
 
-    def enter(self) -> list[int]:
+    def call(self, fn: Callable[[], Any], path: tuple, kind: str) -> Any:
+        """Runs one module call ``fn()`` and records its output."""
         if self.stack:
             self.stack[-1][0] += 1
         frame = [0]
         self.stack.append(frame)
-        return frame
-
-    def leave(self, frame: list[int], path: tuple, kind: str, out: Any) -> Any:
-        self.stack.pop()
+        try:
+            out = fn()
+        finally:
+            self.stack.pop()
         if not _is_float_array(out):
             return out
-        index = len(self.records)
         if self.eps is not None:
-            out = out + self.eps[index].astype(out.dtype)
-        base = path_name(path) or "<root>"
+            out = out + self.eps[len(self.records)].astype(out.dtype)
+        prefix = path_name(path)
+        base = prefix or "<root>"
         count = self.seen.get(base, 0) + 1
         self.seen[base] = count
-        name = base if count == 1 else f"{base}#{count}"
-        prefix = path_name(path)
-        prefix = prefix + "/" if prefix else ""
-        kernel = prefix + "kernel"
-        bias = prefix + "bias"
+        prefix = f"{prefix}/" if prefix else ""
         self.records.append(
             Record(
-                name=name,
+                name=base if count == 1 else f"{base}#{count}",
                 path=path,
                 kind=kind,
                 leaf=frame[0] == 0,
                 value=out,
-                kernel=kernel if kernel in self.param_names else None,
-                bias=bias if bias in self.param_names else None,
+                kernel=self._param(prefix + "kernel"),
+                bias=self._param(prefix + "bias"),
             )
         )
         return out
 
+    def _param(self, name: str) -> str | None:
+        return name if name in self.param_names else None
+
 
 class Adapter:
-    """A Flax model as ``run(params, x, eps=None) -> (output, records, new_other_state)``."""
+    """A Flax model as ``run(params, x, eps=None, other=None) -> (output, records, new_other)``.
+
+    Attributes:
+        framework: ``"linen"`` or ``"nnx"``.
+        params: the model's parameters, flat.
+        other: its other state (batch statistics, ...), passed back to :meth:`run`.
+    """
 
     framework: str
     params: Params
+    other: Any
 
     def run(
         self, params: Params, x: Any, eps: list[jax.Array] | None = None, other: Any = None
     ) -> tuple[Any, list[Record], Any]:
+        """Runs the model on ``x``; ``eps`` (one array per record) is added to the outputs."""
         raise NotImplementedError
 
-    other: Any
+    def trace(self, params: Params, x: Any) -> list[Record]:
+        """The records of one run, traced abstractly: values are ``jax.ShapeDtypeStruct``."""
+        meta: list[list[Record]] = []
+
+        def values(p):
+            _, records, _ = self.run(p, x)
+            meta.append(records)
+            return [r.value for r in records]
+
+        shapes = jax.eval_shape(values, params)
+        return [dataclasses.replace(r, value=s) for r, s in zip(meta[-1], shapes, strict=True)]
+
+    def gradients(
+        self, params: Params, x: Any, y: Any, loss_fn: Callable[..., Any]
+    ) -> tuple[jax.Array, Params, list[Record], list[jax.Array]]:
+        """Returns the loss, its parameter gradients, the records, and its gradient per record."""
+        eps = [jnp.zeros(r.value.shape, r.value.dtype) for r in self.trace(params, x)]
+        meta: list[list[Record]] = []
+
+        def objective(p, eps):
+            out, records, _ = self.run(p, x, eps)
+            meta.append(records)
+            return loss_value(loss_fn, out, y), [r.value for r in records]
+
+        (loss, values), (grads, record_grads) = jax.value_and_grad(
+            objective, argnums=(0, 1), has_aux=True
+        )(params, eps)
+        records = [dataclasses.replace(r, value=v) for r, v in zip(meta[-1], values, strict=True)]
+        return loss, grads, records, record_grads
 
 
 class LinenAdapter(Adapter):
-    """``flax.linen`` module plus its variables."""
+    """A ``flax.linen`` module plus its variables."""
 
     framework = "linen"
 
     def __init__(self, model: Any, variables: Mapping[str, Any], model_kwargs: Mapping[str, Any]):
-        from flax import traverse_util
-
+        """Checks ``variables`` and flattens its ``params`` collection."""
         if not isinstance(variables, Mapping) or "params" not in variables:
             raise ValueError(
                 "variables must be the linen variables dict with a 'params' collection "
@@ -142,26 +197,21 @@ class LinenAdapter(Adapter):
         self.other = {k: v for k, v in variables.items() if k != "params"}
 
     def variables(self, params: Params, other: Any = None) -> dict[str, Any]:
-        from flax import traverse_util
-
+        """The linen variables dict holding ``params`` (and ``other``, default the original)."""
         nested = traverse_util.unflatten_dict({self.paths[n]: v for n, v in params.items()})
         return {**(self.other if other is None else other), "params": nested}
 
     def run(self, params, x, eps=None, other=None):
-        from flax import linen as nn
-
+        """Runs the model on ``x``; ``eps`` (one array per record) is added to the outputs."""
         rec = _Recorder(eps, params)
 
         def interceptor(next_fun, args, kwargs, context):
             if context.method_name != "__call__":
                 return next_fun(*args, **kwargs)
-            frame = rec.enter()
-            try:
-                out = next_fun(*args, **kwargs)
-            except BaseException:
-                rec.stack.pop()
-                raise
-            return rec.leave(frame, tuple(context.module.path), type(context.module).__name__, out)
+            module = context.module
+            return rec.call(
+                lambda: next_fun(*args, **kwargs), tuple(module.path), type(module).__name__
+            )
 
         with nn.intercept_methods(interceptor):
             out, state = self.model.apply(
@@ -171,12 +221,14 @@ class LinenAdapter(Adapter):
         return out, rec.records, state
 
 
+_MISSING = object()
+
+
 @contextlib.contextmanager
 def _wrap_calls(modules: Mapping[int, tuple], on_call: Callable[..., Any]):
-    """Wraps ``__call__`` of the classes of ``modules`` (id -> path), restoring it afterwards."""
-    classes = {type(m) for _, m in modules.values()}
+    """Wraps ``__call__`` of the classes of ``modules`` (id -> (path, module)), then restores it."""
     originals = {}
-    for cls in classes:
+    for cls in {type(m) for _, m in modules.values()}:
         # The instance-level __call__ through the MRO (not the metaclass's, which builds objects).
         resolved = next(
             (b.__dict__["__call__"] for b in cls.__mro__ if "__call__" in b.__dict__), None
@@ -211,17 +263,13 @@ def _wrap_calls(modules: Mapping[int, tuple], on_call: Callable[..., Any]):
                 cls.__call__ = own
 
 
-_MISSING = object()
-
-
 class NnxAdapter(Adapter):
-    """``flax.nnx`` module; runs on fresh merged copies, never mutating the original."""
+    """A ``flax.nnx`` module; runs on fresh merged copies, never mutating the original."""
 
     framework = "nnx"
 
     def __init__(self, model: Any, model_kwargs: Mapping[str, Any]):
-        from flax import nnx
-
+        """Splits ``model`` into its flat ``nnx.Param`` state and everything else."""
         self.model = model
         self.model_kwargs = dict(model_kwargs)
         self.graphdef, params, self.other = nnx.split(model, nnx.Param, ...)
@@ -231,15 +279,13 @@ class NnxAdapter(Adapter):
         self.params = {path_name(k): v.get_value() for k, v in flat}
 
     def state(self, params: Params) -> Any:
-        from flax import nnx
-
+        """The ``nnx.State`` holding ``params``."""
         return nnx.from_flat_state(
             {self.paths[n]: self.template[n].replace(v) for n, v in params.items()}
         )
 
     def run(self, params, x, eps=None, other=None):
-        from flax import nnx
-
+        """Runs the model on ``x``; ``eps`` (one array per record) is added to the outputs."""
         # Fresh Variables at the current trace level: the caller's model is never touched.
         other = jax.tree.map(lambda a: a, self.other if other is None else other)
         model = nnx.merge(self.graphdef, self.state(params), other)
@@ -247,13 +293,7 @@ class NnxAdapter(Adapter):
         rec = _Recorder(eps, params)
 
         def on_call(fn, module, path, args, kwargs):
-            frame = rec.enter()
-            try:
-                out = fn(module, *args, **kwargs)
-            except BaseException:
-                rec.stack.pop()
-                raise
-            return rec.leave(frame, path, type(module).__name__, out)
+            return rec.call(lambda: fn(module, *args, **kwargs), path, type(module).__name__)
 
         with _wrap_calls(modules, on_call):
             out = model(x, **self.model_kwargs)
@@ -262,20 +302,12 @@ class NnxAdapter(Adapter):
 
     def update(self, params: Params) -> None:
         """Writes ``params`` into the original model."""
-        from flax import nnx
-
         nnx.update(self.model, self.state(params))
 
 
 def adapter(model: Any, variables: Any, model_kwargs: Mapping[str, Any] | None) -> Adapter:
-    """Picks the adapter for a linen module (with ``variables``) or an nnx module (without)."""
+    """Returns the adapter for a linen module (with ``variables``) or an nnx module (without)."""
     kwargs = dict(model_kwargs or {})
-    module_name = type(model).__module__
-    try:
-        from flax import linen as nn
-        from flax import nnx
-    except ImportError as err:  # pragma: no cover - flax is a dependency
-        raise ImportError("jaxinit's model diagnostics need flax.") from err
     if isinstance(model, nn.Module):
         if variables is None:
             raise ValueError(
@@ -290,5 +322,5 @@ def adapter(model: Any, variables: Any, model_kwargs: Mapping[str, Any] | None) 
         return NnxAdapter(model, kwargs)
     raise TypeError(
         "model must be a flax.linen.Module (with variables) or a flax.nnx.Module; got "
-        f"{type(model).__name__} from {module_name}."
+        f"{type(model).__name__} from {type(model).__module__}."
     )
