@@ -330,7 +330,9 @@ def _statistics_draws():
     def draw(key):
         out = {name: c[0](key, SCALING_SHAPE) for name, c in SCALING_CASES.items()}
         for lo, hi in TRUNC_BOUNDS:
-            out[f"trunc {lo} {hi}"] = ji.truncated_normal(TRUNC_STD, lower=lo, upper=hi)(key, (512, 512))
+            out[f"trunc {lo} {hi}"] = ji.truncated_normal(TRUNC_STD, lower=lo, upper=hi)(
+                key, (512, 512)
+            )
         out["trunc jax"] = ji.truncated_normal(TRUNC_STD, correct_stddev=False)(key, (512, 512))
         for name in ("kaiming_normal", "xavier_normal"):
             out[name] = getattr(ji, name)()(key, (512, 512))
@@ -595,10 +597,18 @@ def test_drop_into_flax_linen_and_nnx():
 # ------------------------------------------------------------------ depth: He et al. (2015)
 
 
-def _depth_stds(init, act, depth=50, width=256, batch=64, nets=8):
+DEPTH_CASES = {  # name: (initializer, activation)
+    "relu": (ji.kaiming_normal(nonlinearity="relu"), jax.nn.relu),
+    "linear": (ji.kaiming_normal(nonlinearity="linear"), lambda x: x),
+    "tanh": (ji.kaiming_normal(nonlinearity="tanh"), jnp.tanh),
+}
+
+
+@functools.cache
+def _depth_stds(depth=50, width=256, batch=64, nets=8):
     """Pre-activation std per layer of ``nets`` independent MLPs, and the saturated fraction."""
 
-    def one_net(key):
+    def one_net(key, init, act):
         k_x, k_w = jax.random.split(key)
         ws = jax.vmap(lambda k: init(k, (width, width)))(jax.random.split(k_w, depth))
         x = jax.random.normal(k_x, (batch, width))
@@ -609,8 +619,14 @@ def _depth_stds(init, act, depth=50, width=256, batch=64, nets=8):
 
         return jax.lax.scan(layer, x, ws)[1]
 
-    stds, sat = jax.jit(jax.vmap(one_net))(jax.random.split(jax.random.key(0), nets))
-    return np.asarray(stds, np.float64), np.asarray(sat, np.float64)
+    keys = jax.random.split(jax.random.key(0), nets)
+    run = jax.jit(
+        lambda keys: {
+            name: jax.vmap(lambda k, i=init, a=act: one_net(k, i, a))(keys)
+            for name, (init, act) in DEPTH_CASES.items()
+        }
+    )
+    return {name: tuple(np.asarray(v, np.float64) for v in out) for name, out in run(keys).items()}
 
 
 def _geometric_mean_ratio(stds):
@@ -624,10 +640,10 @@ def _geometric_mean_ratio(stds):
 
 
 def test_kaiming_gain_keeps_the_variance_through_50_layers():
-    """The depth check of the library's own diagnostics is ``ji.depth_report`` (test_cli)."""
-    for act, nonlin in [(jax.nn.relu, "relu"), (lambda x: x, "linear")]:
-        ratio = _geometric_mean_ratio(_depth_stds(ji.kaiming_normal(nonlinearity=nonlin), act)[0])
-        assert (ratio > 0.5).all() and (ratio < 2.0).all(), (nonlin, ratio.min(), ratio.max())
-    stds, sat = _depth_stds(ji.kaiming_normal(nonlinearity="tanh"), jnp.tanh)
+    """The library's own depth check is ``ji.depth_report``, tested in test_cli."""
+    for name in ("relu", "linear"):
+        ratio = _geometric_mean_ratio(_depth_stds()[name][0])
+        assert (ratio > 0.5).all() and (ratio < 2.0).all(), (name, ratio.min(), ratio.max())
+    stds, sat = _depth_stds()["tanh"]
     assert (stds[:, -1] > 0.5).all(), stds[:, -1]  # does not vanish
     assert (sat[:, -1] < 0.1).all(), sat[:, -1]  # does not saturate
