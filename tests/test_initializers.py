@@ -268,7 +268,8 @@ def test_jax_positional_order():
         (lambda: ji.uniform(jnp.float16), r"scale=.* is a dtype"),
         (lambda: ji.constant(jnp.float32), r"value=.* is a dtype"),
         (lambda: ji.truncated_normal(0.05, -1.0, 3.0), r"pass lower= and upper= by keyword"),
-        (lambda: ji.normal(0.1, draw_dtype=jnp.int32), r"draw_dtype|not a floating"),
+        (lambda: ji.normal(0.1, draw_dtype=jnp.int32), r"draw_dtype=int32 is not a floating"),
+        (lambda: ji.he_normal(draw_dtype=jnp.complex64), r"draw_dtype=complex64 is complex"),
     ],
 )
 def test_dtype_in_the_wrong_place_is_a_clear_type_error(build, match):

@@ -49,7 +49,7 @@ _COMPLEX_TRUNC2_STD = math.sqrt((1.0 - 5.0 * math.exp(-4.0)) / (1.0 - math.exp(-
 
 
 def _check_dtype(
-    dtype: DTypeLike, who: str, allow_complex: bool = True, hint: str = ""
+    dtype: DTypeLike, who: str, allow_complex: bool = True, hint: str = "", name: str = "dtype"
 ) -> np.dtype | None:
     """Canonicalises a requested dtype; None stays None. Integer and bool dtypes are a TypeError."""
     if dtype is None:
@@ -57,14 +57,14 @@ def _check_dtype(
     try:
         dt = jnp.dtype(dtype)
     except TypeError:
-        raise TypeError(f"{who}: dtype={dtype!r} is not a dtype.{hint}") from None
+        raise TypeError(f"{who}: {name}={dtype!r} is not a dtype.{hint}") from None
     if not jnp.issubdtype(dt, jnp.inexact):
         raise TypeError(
-            f"{who}: dtype={dt} is not a floating or complex dtype; initializers produce "
+            f"{who}: {name}={dt} is not a floating or complex dtype; initializers produce "
             "float16, bfloat16, float32, float64 (or complex64/complex128) arrays."
         )
     if not allow_complex and jnp.issubdtype(dt, jnp.complexfloating):
-        raise TypeError(f"{who}: dtype={dt} is complex; this initializer supports real dtypes.")
+        raise TypeError(f"{who}: {name}={dt} is complex; this initializer supports real dtypes.")
     return dt
 
 
@@ -74,10 +74,7 @@ def _resolve_dtype(dtype: DTypeLike, default: np.dtype | None, who: str, **kw: b
 
 
 def _check_draw_dtype(draw_dtype: DTypeLike, who: str) -> np.dtype | None:
-    dt = _check_dtype(draw_dtype, who, allow_complex=False)
-    if dt is not None and not jnp.issubdtype(dt, jnp.floating):
-        raise TypeError(f"{who}: draw_dtype={dt} must be a real floating dtype.")
-    return dt
+    return _check_dtype(draw_dtype, who, allow_complex=False, name="draw_dtype")
 
 
 def _check_shape(shape: Shape, who: str) -> tuple[int, ...]:
