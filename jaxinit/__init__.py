@@ -1,4 +1,4 @@
-"""jaxinit: initializers, gains, batch norm and diagnostics for JAX and Flax.
+"""jaxinit: initializers, gains, normalization and diagnostics for JAX and Flax.
 
 Import as ``import jaxinit as ji``. The core needs only JAX: flax is imported by ``jaxinit.linen``
 and ``jaxinit.nnx`` (the Flax modules) and by ``jaxinit.diagnostics.flax_models``, which the
@@ -44,6 +44,9 @@ from jaxinit._src.batch_norm import (
 )
 from jaxinit._src.moments import Moments, all_reduce_moments, batch_moments, merge_moments
 
+# --- layer, RMS, group and instance norm ---
+from jaxinit._src.normalization import group_norm, instance_norm, layer_norm, rms_norm
+
 # --- diagnostics and LSUV ---
 from jaxinit.diagnostics import (
     DepthReport,
@@ -72,8 +75,12 @@ from jaxinit.porting import (
     torch_batch_norm_kwargs,
     torch_bias_init,
     torch_fan_in,
+    torch_group_norm_kwargs,
     torch_init_params,
+    torch_instance_norm_kwargs,
     torch_kernel_init,
+    torch_layer_norm_kwargs,
+    torch_rms_norm_kwargs,
     torch_state_dict_to_flax,
 )
 
@@ -114,6 +121,11 @@ __all__ = [
     "batch_norm_state",
     "merge_moments",
     "update_running_stats",
+    # layer, RMS, group and instance norm
+    "group_norm",
+    "instance_norm",
+    "layer_norm",
+    "rms_norm",
     # diagnostics and LSUV
     "DepthReport",
     "DepthRow",
@@ -140,7 +152,11 @@ __all__ = [
     "torch_batch_norm_kwargs",
     "torch_bias_init",
     "torch_fan_in",
+    "torch_group_norm_kwargs",
     "torch_init_params",
+    "torch_instance_norm_kwargs",
     "torch_kernel_init",
+    "torch_layer_norm_kwargs",
+    "torch_rms_norm_kwargs",
     "torch_state_dict_to_flax",
 ]

@@ -1,11 +1,13 @@
 """Flax linen modules backed by jaxinit's pure functions.
 
-``jaxinit.linen.BatchNorm`` is a drop-in for ``flax.linen.BatchNorm``: the same fields, the same
-call signature and the same variables (``params``: ``scale``, ``bias``; ``batch_stats``: ``mean``,
-``var``), so existing checkpoints load unchanged. Underneath it is :func:`jaxinit.batch_norm`:
-a stable variance, an analytic backward pass, count-weighted cross-device statistics and a NaN
-guard on the running statistics. The module only fetches variables, calls the function and stores
-the new state.
+``BatchNorm``, ``LayerNorm``, ``RMSNorm``, ``GroupNorm`` and ``InstanceNorm`` are drop-ins for
+their ``flax.linen`` namesakes: the same fields, the same call signature and the same variables
+(``params``: ``scale``, ``bias``; batch norm's ``batch_stats``: ``mean``, ``var``), so existing
+checkpoints load unchanged. Underneath are :func:`jaxinit.batch_norm`, :func:`jaxinit.layer_norm`,
+:func:`jaxinit.rms_norm`, :func:`jaxinit.group_norm` and :func:`jaxinit.instance_norm`: a stable
+variance (``use_fast_variance`` defaults to False), an analytic backward pass, count-weighted
+cross-device statistics and, for batch norm, a NaN guard on the running statistics. The modules
+only fetch variables, call the function and store the new state.
 
 Import it as a submodule: ``import jaxinit.linen as jil``.
 """
@@ -27,10 +29,16 @@ from jax.sharding import PartitionSpec
 from jaxinit._src import model_sharding
 from jaxinit._src.axes import canonical_axes
 from jaxinit._src.batch_norm import BatchNormState
-from jaxinit._src.modules import call_batch_norm
+from jaxinit._src.modules import (
+    call_batch_norm,
+    call_norm,
+    check_float32_reductions,
+    norm_param_shape,
+    scale_init_of,
+)
 from jaxinit._src.modules import promote as _promote
 
-__all__ = ["BatchNorm", "init_sharded"]
+__all__ = ["BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm", "init_sharded"]
 
 Dtype = Any
 Initializer = Any
@@ -212,6 +220,268 @@ class BatchNorm(nn.Module):
             if ra_count is not None:
                 ra_count.value = new_state.count
         return y.astype(out_dtype)
+
+
+# --------------------------------------------------------------------------- the norm family
+
+
+def _normalize(module: nn.Module, kind: str, x: Any, mask: Any, use_bias: bool) -> jax.Array:
+    """Creates ``scale``/``bias`` as flax does and calls the pure function ``kind``."""
+    check_float32_reductions(module)
+    x = jnp.asarray(x)
+    shape = norm_param_shape(kind, module, x)
+    scale_init = scale_init_of(module, initializers.ones, initializers.zeros)
+    scale = (
+        module.param("scale", scale_init, shape, module.param_dtype) if module.use_scale else None
+    )
+    bias = module.param("bias", module.bias_init, shape, module.param_dtype) if use_bias else None
+    out_dtype = _out_dtype(x, (scale, bias), module.dtype)
+    y = call_norm(kind, module, x.astype(_promote(x.dtype, out_dtype)), scale, bias, mask)
+    return y.astype(out_dtype)
+
+
+class LayerNorm(nn.Module):
+    """Layer normalization for linen, a drop-in for ``flax.linen.LayerNorm``.
+
+    Same fields, call and variables as flax's module; the arithmetic is
+    :func:`jaxinit.layer_norm`. ``use_fast_variance`` defaults to False (flax: True), so the
+    variance stays exact far from zero mean; with ``use_fast_variance=False`` on the flax side
+    the outputs match flax's. Devices are weighted by their kept-element counts under
+    ``axis_name`` with a mask.
+
+    Attributes:
+        epsilon: added to the variance (the mean square for RMSNorm).
+        dtype: output dtype (default: promote the input and the params, flax's rule).
+        param_dtype: dtype of ``scale`` and ``bias``.
+        use_bias: learn a bias.
+        use_scale: learn a scale.
+        bias_init: bias initializer.
+        scale_init: scale initializer.
+        axis_name: named axis (``shard_map``/``pmap``) to combine statistics over, weighted by
+            each device's count of kept elements.
+        axis_index_groups: groups within ``axis_name``, as in ``lax.psum``.
+        use_fast_variance: flax's unshifted ``E[x^2] - E[x]^2`` (parity only; default False).
+        force_float32_reductions: must be True (statistics are always at least float32).
+        reduction_axes: the axes the statistics run over.
+        feature_axes: the axes ``scale`` and ``bias`` vary along.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import jaxinit.linen as jil
+        >>> x = jax.random.normal(jax.random.key(0), (2, 5))
+        >>> v = jil.LayerNorm().init(jax.random.key(1), x)
+        >>> jax.tree.map(jnp.shape, v)
+        {'params': {'bias': (5,), 'scale': (5,)}}
+    """
+
+    epsilon: float = 1e-6
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = initializers.zeros
+    scale_init: Initializer = initializers.ones
+    reduction_axes: int | Sequence[int] = -1
+    feature_axes: int | Sequence[int] = -1
+    axis_name: Hashable | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = False
+    force_float32_reductions: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.typing.ArrayLike, *, mask: jax.Array | None = None) -> jax.Array:
+        """Normalise ``x`` over ``reduction_axes``.
+
+        Args:
+            x: the input, of floating dtype.
+            mask: boolean array broadcastable to ``x``; statistics use only the kept elements.
+
+        Returns:
+            The normalised input, of ``x``'s shape.
+        """
+        return _normalize(self, "layer_norm", x, mask, self.use_bias)
+
+
+class RMSNorm(nn.Module):
+    """RMS normalization for linen, a drop-in for ``flax.linen.RMSNorm``.
+
+    Same fields, call and variables (``params``: ``scale``) as flax's module; the arithmetic is
+    :func:`jaxinit.rms_norm`. Extra: ``zero_centered_scale=True`` multiplies by ``1 + scale``
+    (Gemma's convention), and then the default ``scale_init`` (ones) becomes zeros, so the layer
+    starts as the plain normalization. ``use_fast_variance`` is accepted for compatibility and
+    has no effect (there is no mean to subtract).
+
+    Attributes:
+        epsilon: added to the mean square.
+        dtype: output dtype (default: promote the input and the params, flax's rule).
+        param_dtype: dtype of ``scale``.
+        use_scale: learn a scale.
+        scale_init: scale initializer (zeros instead of the default ones when
+            ``zero_centered_scale``).
+        reduction_axes: the axes the mean square runs over.
+        feature_axes: the axes ``scale`` varies along.
+        axis_name: named axis to combine the mean square over, count-weighted.
+        axis_index_groups: groups within ``axis_name``.
+        use_fast_variance: no effect (flax's field, kept so configurations load).
+        force_float32_reductions: must be True.
+        zero_centered_scale: multiply by ``1 + scale``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import jaxinit.linen as jil
+        >>> x = jax.random.normal(jax.random.key(0), (2, 5))
+        >>> v = jil.RMSNorm(zero_centered_scale=True).init(jax.random.key(1), x)
+        >>> print(v["params"]["scale"])
+        [0. 0. 0. 0. 0.]
+    """
+
+    epsilon: float = 1e-6
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_scale: bool = True
+    scale_init: Initializer = initializers.ones
+    reduction_axes: int | Sequence[int] = -1
+    feature_axes: int | Sequence[int] = -1
+    axis_name: Hashable | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = False
+    force_float32_reductions: bool = True
+    zero_centered_scale: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.typing.ArrayLike, *, mask: jax.Array | None = None) -> jax.Array:
+        """Normalise ``x`` by its root mean square over ``reduction_axes``.
+
+        Args:
+            x: the input, of floating dtype.
+            mask: boolean array broadcastable to ``x``; the mean square uses the kept elements.
+
+        Returns:
+            The normalised input, of ``x``'s shape.
+        """
+        return _normalize(self, "rms_norm", x, mask, False)
+
+
+class GroupNorm(nn.Module):
+    """Group normalization for linen, a drop-in for ``flax.linen.GroupNorm``.
+
+    Same fields, call and variables as flax's module; the arithmetic is
+    :func:`jaxinit.group_norm`. Extra: ``feature_axis`` (default -1; 1 for NCHW input, which
+    flax cannot normalize). ``reduction_axes=None`` means every axis except the leading one.
+
+    Attributes:
+        num_groups: the number of groups (None when ``group_size`` is given).
+        group_size: the channels per group; exactly one of the two is not None.
+        epsilon: added to the variance (the mean square for RMSNorm).
+        dtype: output dtype (default: promote the input and the params, flax's rule).
+        param_dtype: dtype of ``scale`` and ``bias``.
+        use_bias: learn a bias.
+        use_scale: learn a scale.
+        bias_init: bias initializer.
+        scale_init: scale initializer.
+        axis_name: named axis (``shard_map``/``pmap``) to combine statistics over, weighted by
+            each device's count of kept elements.
+        axis_index_groups: groups within ``axis_name``, as in ``lax.psum``.
+        use_fast_variance: flax's unshifted ``E[x^2] - E[x]^2`` (parity only; default False).
+        force_float32_reductions: must be True (statistics are always at least float32).
+        reduction_axes: the axes the statistics run over; must include the feature axis.
+        feature_axis: the channel axis.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import jaxinit.linen as jil
+        >>> x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8))
+        >>> v = jil.GroupNorm(num_groups=4).init(jax.random.key(1), x)
+        >>> jax.tree.map(jnp.shape, v)
+        {'params': {'bias': (8,), 'scale': (8,)}}
+    """
+
+    num_groups: int | None = 32
+    group_size: int | None = None
+    epsilon: float = 1e-6
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = initializers.zeros
+    scale_init: Initializer = initializers.ones
+    reduction_axes: int | Sequence[int] | None = None
+    axis_name: Hashable | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = False
+    force_float32_reductions: bool = True
+    feature_axis: int = -1
+
+    @nn.compact
+    def __call__(self, x: jax.typing.ArrayLike, *, mask: jax.Array | None = None) -> jax.Array:
+        """Normalise ``x`` per example over groups of channels.
+
+        Args:
+            x: the input, of floating dtype, channels along ``feature_axis``.
+            mask: boolean array broadcastable to ``x``; statistics use only the kept elements.
+
+        Returns:
+            The normalised input, of ``x``'s shape.
+        """
+        return _normalize(self, "group_norm", x, mask, self.use_bias)
+
+
+class InstanceNorm(nn.Module):
+    """Instance normalization for linen, a drop-in for ``flax.linen.InstanceNorm``.
+
+    Same fields, call and variables as flax's module; the arithmetic is
+    :func:`jaxinit.instance_norm` (statistics over every axis but the leading one and
+    ``feature_axes``).
+
+    Attributes:
+        epsilon: added to the variance (the mean square for RMSNorm).
+        dtype: output dtype (default: promote the input and the params, flax's rule).
+        param_dtype: dtype of ``scale`` and ``bias``.
+        use_bias: learn a bias.
+        use_scale: learn a scale.
+        bias_init: bias initializer.
+        scale_init: scale initializer.
+        axis_name: named axis (``shard_map``/``pmap``) to combine statistics over, weighted by
+            each device's count of kept elements.
+        axis_index_groups: groups within ``axis_name``, as in ``lax.psum``.
+        use_fast_variance: flax's unshifted ``E[x^2] - E[x]^2`` (parity only; default False).
+        force_float32_reductions: must be True (statistics are always at least float32).
+        feature_axes: the channel axes (not the leading, batch, axis).
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> import jaxinit.linen as jil
+        >>> x = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
+        >>> v = jil.InstanceNorm().init(jax.random.key(1), x)
+        >>> jax.tree.map(jnp.shape, v)
+        {'params': {'bias': (3,), 'scale': (3,)}}
+    """
+
+    epsilon: float = 1e-6
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = initializers.zeros
+    scale_init: Initializer = initializers.ones
+    feature_axes: int | Sequence[int] = -1
+    axis_name: Hashable | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = False
+    force_float32_reductions: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.typing.ArrayLike, *, mask: jax.Array | None = None) -> jax.Array:
+        """Normalise ``x`` per example and per channel.
+
+        Args:
+            x: the input, of floating dtype, batch first.
+            mask: boolean array broadcastable to ``x``; statistics use only the kept elements.
+
+        Returns:
+            The normalised input, of ``x``'s shape.
+        """
+        return _normalize(self, "instance_norm", x, mask, self.use_bias)
 
 
 # --------------------------------------------------------------------------- sharded init

@@ -1,10 +1,12 @@
 """Flax nnx modules backed by jaxinit's pure functions.
 
-``jaxinit.nnx.BatchNorm`` is a drop-in for ``flax.nnx.BatchNorm``: the same constructor, call,
-``.train()`` / ``.eval()`` switching and variables (``nnx.Param`` ``scale`` and ``bias``,
-``nnx.BatchStat`` ``mean`` and ``var``). Underneath it is :func:`jaxinit.batch_norm`: a stable
-variance, an analytic backward pass, count-weighted cross-device statistics and a NaN guard on the
-running statistics. The module only holds variables, calls the function and stores the new state.
+``BatchNorm``, ``LayerNorm``, ``RMSNorm``, ``GroupNorm`` and ``InstanceNorm`` are drop-ins for
+their ``flax.nnx`` namesakes: the same constructor, call and variables (``nnx.Param`` ``scale``
+and ``bias``; batch norm's ``nnx.BatchStat`` ``mean`` and ``var``, with ``.train()`` /
+``.eval()`` switching), drawn from the same ``rngs`` streams. Underneath are jaxinit's pure
+functions: a stable variance (``use_fast_variance`` defaults to False), an analytic backward
+pass, count-weighted cross-device statistics and, for batch norm, a NaN guard on the running
+statistics. The modules only hold variables, call the function and store the new state.
 
 Import it as a submodule: ``import jaxinit.nnx as jnnx``.
 """
@@ -17,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 from jax.sharding import PartitionSpec
@@ -24,11 +27,17 @@ from jax.sharding import PartitionSpec
 from jaxinit._src import model_sharding
 from jaxinit._src.axes import canonical_axes
 from jaxinit._src.batch_norm import BatchNormState
-from jaxinit._src.modules import call_batch_norm
+from jaxinit._src.modules import (
+    call_batch_norm,
+    call_norm,
+    norm_param_shape,
+    scale_init_of,
+)
 from jaxinit._src.modules import promote as _promote
+from jaxinit._src.normalization import check_groups
 from jaxinit.linen import logical_context
 
-__all__ = ["BatchNorm", "create_sharded"]
+__all__ = ["BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm", "create_sharded"]
 
 Dtype = Any
 Initializer = Any
@@ -230,6 +239,464 @@ class BatchNorm(nnx.Module):
         """
         if use_running_average is not None:
             self.use_running_average = use_running_average
+
+
+# --------------------------------------------------------------------------- the norm family
+
+
+class _Norm(nnx.Module):
+    """What the four nnx norms share: parameter creation and the call."""
+
+    _kind = ""
+
+    def _init_params(
+        self,
+        num_features: int,
+        *,
+        use_scale: bool,
+        use_bias: bool,
+        scale_init: Initializer,
+        bias_init: Initializer,
+        param_dtype: Dtype,
+        rngs: nnx.Rngs,
+        scale_metadata: Mapping[str, Any],
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+    ) -> None:
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 0:
+            raise ValueError(f"num_features must be a non-negative int, got {num_features!r}")
+        shape = (num_features,)
+        # flax's order: the scale's key first, then the bias's.
+        self.scale: nnx.Param[jax.Array] | None
+        if use_scale:
+            self.scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype), **scale_metadata)
+        else:
+            self.scale = nnx.data(None)
+        self.bias: nnx.Param[jax.Array] | None
+        if use_bias:
+            self.bias = nnx.Param(bias_init(rngs.params(), shape, param_dtype), **bias_metadata)
+        else:
+            self.bias = nnx.data(None)
+        self.num_features = num_features
+
+    def _normalize(self, x: Any, mask: Any) -> jax.Array:
+        scale = self.scale[...] if self.scale is not None else None
+        bias = self.bias[...] if self.bias is not None else None
+        with jax.numpy_dtype_promotion("standard"):
+            x, scale, bias = self.promote_dtype((jnp.asarray(x), scale, bias), dtype=self.dtype)
+        shape = norm_param_shape(self._kind, self, x)
+        if int(np.prod(shape)) != self.num_features:
+            raise ValueError(
+                f"x of shape {x.shape} has sizes {shape} along the feature axes, but the module "
+                f"was built with num_features={self.num_features}."
+            )
+        scale = None if scale is None else scale.reshape(shape)
+        bias = None if bias is None else bias.reshape(shape)
+        # GroupNorm stores both group settings (as flax does); the group count decides.
+        groups = (self.num_groups, None) if self._kind == "group_norm" else None
+        y = call_norm(self._kind, self, x, scale, bias, mask, groups=groups)
+        return y.astype(self.dtype) if self.dtype is not None else y
+
+
+def _keep(module: nnx.Module, **fields: Any) -> None:
+    for name, value in fields.items():
+        setattr(module, name, value)
+
+
+class LayerNorm(_Norm):
+    """Layer normalization for nnx, a drop-in for ``flax.nnx.LayerNorm``.
+
+    Same constructor, call and variables as flax's module (parameters of shape
+    ``(num_features,)``, drawn from ``rngs.params()`` scale first); the arithmetic is
+    :func:`jaxinit.layer_norm`. ``use_fast_variance`` defaults to False (flax: True). Dtypes
+    follow flax's ``promote_dtype`` rule (``dtype`` when given, else the promotion of the input
+    and the parameters).
+
+    Args:
+        num_features: the number of features (the product of x's sizes along ``feature_axes``).
+        epsilon: added to the variance.
+        dtype: output dtype (default: promote input and params).
+        param_dtype: dtype of ``scale`` and ``bias``.
+        use_bias: learn a bias.
+        use_scale: learn a scale.
+        bias_init: bias initializer.
+        scale_init: scale initializer.
+        reduction_axes: the axes the statistics run over.
+        feature_axes: the axes ``scale`` and ``bias`` vary along.
+        axis_name: named axis to combine statistics over, count-weighted.
+        axis_index_groups: groups within ``axis_name``, as in ``lax.psum``.
+        use_fast_variance: flax's unshifted ``E[x^2] - E[x]^2`` (parity only).
+        promote_dtype: flax's hook casting ``(x, scale, bias)`` to a common dtype.
+        rngs: the ``nnx.Rngs`` for the parameter initializers.
+        bias_metadata: metadata for the bias ``nnx.Param``.
+        scale_metadata: metadata for the scale ``nnx.Param``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from flax import nnx
+        >>> import jaxinit.nnx as jnnx
+        >>> ln = jnnx.LayerNorm(4, rngs=nnx.Rngs(0))
+        >>> y = ln(jnp.array([[1e4, 1e4 + 1, 1e4 + 2, 1e4 + 3]]))
+        >>> print(jnp.round(y, 2))
+        [[-1.34 -0.45  0.45  1.34]]
+    """
+
+    _kind = "layer_norm"
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        epsilon: float = 1e-6,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Initializer = _ZEROS,
+        scale_init: Initializer = _ONES,
+        reduction_axes: Any = -1,
+        feature_axes: Any = -1,
+        axis_name: Hashable | None = None,
+        axis_index_groups: Any = None,
+        use_fast_variance: bool = False,
+        promote_dtype: Callable[..., Any] = dtypes.promote_dtype,
+        rngs: nnx.Rngs,
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+        scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+    ):
+        self._init_params(
+            num_features,
+            use_scale=use_scale,
+            use_bias=use_bias,
+            scale_init=scale_init,
+            bias_init=bias_init,
+            param_dtype=param_dtype,
+            rngs=rngs,
+            scale_metadata=scale_metadata,
+            bias_metadata=bias_metadata,
+        )
+        _keep(
+            self,
+            epsilon=epsilon,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            use_bias=use_bias,
+            use_scale=use_scale,
+            reduction_axes=reduction_axes,
+            feature_axes=feature_axes,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            use_fast_variance=use_fast_variance,
+            promote_dtype=promote_dtype,
+        )
+
+    def __call__(self, x: jax.typing.ArrayLike, *, mask: jax.Array | None = None) -> jax.Array:
+        """Normalise ``x`` over ``reduction_axes``.
+
+        Args:
+            x: the input, of floating dtype.
+            mask: boolean array broadcastable to ``x``; statistics use only the kept elements.
+
+        Returns:
+            The normalised input, of ``x``'s shape.
+        """
+        return self._normalize(x, mask)
+
+
+class RMSNorm(_Norm):
+    """RMS normalization for nnx, a drop-in for ``flax.nnx.RMSNorm``.
+
+    Same constructor, call and variables (``nnx.Param`` ``scale``) as flax's module; the
+    arithmetic is :func:`jaxinit.rms_norm`. Extra: ``zero_centered_scale=True`` multiplies by
+    ``1 + scale`` (Gemma's convention), and then the default ``scale_init`` (ones) becomes zeros.
+    ``use_fast_variance`` is accepted and has no effect (there is no mean to subtract).
+
+    Args:
+        num_features: the number of features.
+        epsilon: added to the mean square.
+        dtype: output dtype (default: promote input and params).
+        param_dtype: dtype of ``scale``.
+        use_scale: learn a scale.
+        scale_init: scale initializer (zeros instead of the default ones when
+            ``zero_centered_scale``).
+        reduction_axes: the axes the mean square runs over.
+        feature_axes: the axes ``scale`` varies along.
+        axis_name: named axis to combine the mean square over, count-weighted.
+        axis_index_groups: groups within ``axis_name``.
+        use_fast_variance: no effect (flax's argument, kept so configurations load).
+        promote_dtype: flax's hook casting ``(x, scale)`` to a common dtype.
+        rngs: the ``nnx.Rngs`` for the scale initializer.
+        scale_metadata: metadata for the scale ``nnx.Param``.
+        zero_centered_scale: multiply by ``1 + scale``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> import jaxinit.nnx as jnnx
+        >>> rms = jnnx.RMSNorm(2, zero_centered_scale=True, epsilon=0.0, rngs=nnx.Rngs(0))
+        >>> print(rms.scale[...], rms(jnp.array([3.0, 4.0])) ** 2)
+        [0. 0.] [0.72 1.28]
+    """
+
+    _kind = "rms_norm"
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        epsilon: float = 1e-6,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        use_scale: bool = True,
+        scale_init: Initializer = initializers.ones,
+        reduction_axes: Any = -1,
+        feature_axes: Any = -1,
+        axis_name: Hashable | None = None,
+        axis_index_groups: Any = None,
+        use_fast_variance: bool = False,
+        promote_dtype: Callable[..., Any] = dtypes.promote_dtype,
+        rngs: nnx.Rngs,
+        scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+        zero_centered_scale: bool = False,
+    ):
+        self.zero_centered_scale = zero_centered_scale
+        self.scale_init = scale_init
+        self._init_params(
+            num_features,
+            use_scale=use_scale,
+            use_bias=False,
+            scale_init=scale_init_of(self, initializers.ones, initializers.zeros),
+            bias_init=_ZEROS,
+            param_dtype=param_dtype,
+            rngs=rngs,
+            scale_metadata=scale_metadata,
+        )
+        del self.scale_init
+        _keep(
+            self,
+            epsilon=epsilon,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            use_scale=use_scale,
+            reduction_axes=reduction_axes,
+            feature_axes=feature_axes,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            use_fast_variance=use_fast_variance,
+            promote_dtype=promote_dtype,
+        )
+
+    def __call__(self, x: jax.typing.ArrayLike, mask: jax.Array | None = None) -> jax.Array:
+        """Normalise ``x`` by its root mean square over ``reduction_axes``.
+
+        Args:
+            x: the input, of floating dtype.
+            mask: boolean array broadcastable to ``x``; the mean square uses the kept elements.
+
+        Returns:
+            The normalised input, of ``x``'s shape.
+        """
+        return self._normalize(x, mask)
+
+
+class GroupNorm(_Norm):
+    """Group normalization for nnx, a drop-in for ``flax.nnx.GroupNorm``.
+
+    Same constructor (``num_features, num_groups=32, group_size=None``), call and variables as
+    flax's module, with flax's errors for bad group settings at construction; the arithmetic is
+    :func:`jaxinit.group_norm`. Extra: ``feature_axis`` (default -1; 1 for NCHW input).
+
+    Args:
+        num_features: the number of channels.
+        num_groups: the number of groups (None when ``group_size`` is given).
+        group_size: the channels per group; exactly one of the two is not None.
+        epsilon: added to the variance.
+        dtype: output dtype (default: promote input and params).
+        param_dtype: dtype of ``scale`` and ``bias``.
+        use_bias: learn a bias.
+        use_scale: learn a scale.
+        bias_init: bias initializer.
+        scale_init: scale initializer.
+        reduction_axes: the axes the statistics run over (None: all but the leading one); must
+            include the feature axis.
+        axis_name: named axis to combine statistics over, count-weighted.
+        axis_index_groups: groups within ``axis_name``.
+        use_fast_variance: flax's unshifted ``E[x^2] - E[x]^2`` (parity only).
+        promote_dtype: flax's hook casting ``(x, scale, bias)`` to a common dtype.
+        rngs: the ``nnx.Rngs`` for the parameter initializers.
+        bias_metadata: metadata for the bias ``nnx.Param``.
+        scale_metadata: metadata for the scale ``nnx.Param``.
+        feature_axis: the channel axis.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from flax import nnx
+        >>> import jaxinit.nnx as jnnx
+        >>> gn = jnnx.GroupNorm(8, num_groups=2, feature_axis=1, rngs=nnx.Rngs(0))
+        >>> y = gn(jax.random.normal(jax.random.key(0), (2, 8, 4, 4)))  # NCHW
+        >>> print(gn.num_groups, gn.group_size, y.shape)
+        2 4 (2, 8, 4, 4)
+    """
+
+    _kind = "group_norm"
+
+    def __init__(
+        self,
+        num_features: int,
+        num_groups: int | None = 32,
+        group_size: int | None = None,
+        *,
+        epsilon: float = 1e-6,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Initializer = _ZEROS,
+        scale_init: Initializer = _ONES,
+        reduction_axes: Any = None,
+        axis_name: Hashable | None = None,
+        axis_index_groups: Any = None,
+        use_fast_variance: bool = False,
+        promote_dtype: Callable[..., Any] = dtypes.promote_dtype,
+        rngs: nnx.Rngs,
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+        scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+        feature_axis: int = -1,
+    ):
+        groups = check_groups(num_features, num_groups, group_size)
+        self._init_params(
+            num_features,
+            use_scale=use_scale,
+            use_bias=use_bias,
+            scale_init=scale_init,
+            bias_init=bias_init,
+            param_dtype=param_dtype,
+            rngs=rngs,
+            scale_metadata=scale_metadata,
+            bias_metadata=bias_metadata,
+        )
+        _keep(
+            self,
+            num_groups=groups,
+            group_size=num_features // groups if groups else None,
+            epsilon=epsilon,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            use_bias=use_bias,
+            use_scale=use_scale,
+            reduction_axes=reduction_axes,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            use_fast_variance=use_fast_variance,
+            promote_dtype=promote_dtype,
+            feature_axis=feature_axis,
+        )
+
+    def __call__(self, x: jax.typing.ArrayLike, *, mask: jax.Array | None = None) -> jax.Array:
+        """Normalise ``x`` per example over groups of channels.
+
+        Args:
+            x: the input, of floating dtype, ``num_features`` channels along ``feature_axis``.
+            mask: boolean array broadcastable to ``x``; statistics use only the kept elements.
+
+        Returns:
+            The normalised input, of ``x``'s shape.
+        """
+        return self._normalize(x, mask)
+
+
+class InstanceNorm(_Norm):
+    """Instance normalization for nnx, a drop-in for ``flax.nnx.InstanceNorm``.
+
+    Same constructor, call and variables as flax's module; the arithmetic is
+    :func:`jaxinit.instance_norm` (statistics over every axis but the leading one and
+    ``feature_axes``).
+
+    Args:
+        num_features: the number of channels (the product of x's sizes along
+            ``feature_axes``).
+        epsilon: added to the variance.
+        dtype: output dtype (default: promote input and params).
+        param_dtype: dtype of ``scale`` and ``bias``.
+        use_bias: learn a bias.
+        use_scale: learn a scale.
+        bias_init: bias initializer.
+        scale_init: scale initializer.
+        feature_axes: the channel axes (not the leading, batch, axis).
+        axis_name: named axis to combine statistics over, count-weighted.
+        axis_index_groups: groups within ``axis_name``.
+        use_fast_variance: flax's unshifted ``E[x^2] - E[x]^2`` (parity only).
+        promote_dtype: flax's hook casting ``(x, scale, bias)`` to a common dtype.
+        rngs: the ``nnx.Rngs`` for the parameter initializers.
+        bias_metadata: metadata for the bias ``nnx.Param``.
+        scale_metadata: metadata for the scale ``nnx.Param``.
+
+    Example:
+        >>> import jax
+        >>> from flax import nnx
+        >>> import jaxinit.nnx as jnnx
+        >>> x = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
+        >>> jnnx.InstanceNorm(3, rngs=nnx.Rngs(0))(x).shape
+        (2, 4, 4, 3)
+    """
+
+    _kind = "instance_norm"
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        epsilon: float = 1e-6,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Initializer = initializers.zeros,
+        scale_init: Initializer = initializers.ones,
+        feature_axes: Any = -1,
+        axis_name: Hashable | None = None,
+        axis_index_groups: Any = None,
+        use_fast_variance: bool = False,
+        promote_dtype: Callable[..., Any] = dtypes.promote_dtype,
+        rngs: nnx.Rngs,
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+        scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+    ):
+        self._init_params(
+            num_features,
+            use_scale=use_scale,
+            use_bias=use_bias,
+            scale_init=scale_init,
+            bias_init=bias_init,
+            param_dtype=param_dtype,
+            rngs=rngs,
+            scale_metadata=scale_metadata,
+            bias_metadata=bias_metadata,
+        )
+        _keep(
+            self,
+            epsilon=epsilon,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            use_bias=use_bias,
+            use_scale=use_scale,
+            feature_axes=feature_axes,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            use_fast_variance=use_fast_variance,
+            promote_dtype=promote_dtype,
+        )
+
+    def __call__(self, x: jax.typing.ArrayLike, *, mask: jax.Array | None = None) -> jax.Array:
+        """Normalise ``x`` per example and per channel.
+
+        Args:
+            x: the input, of floating dtype, batch first.
+            mask: boolean array broadcastable to ``x``; statistics use only the kept elements.
+
+        Returns:
+            The normalised input, of ``x``'s shape.
+        """
+        return self._normalize(x, mask)
 
 
 # --------------------------------------------------------------------------- sharded init

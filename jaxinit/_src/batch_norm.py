@@ -8,7 +8,6 @@ Network Training by Reducing Internal Covariate Shift", 2015.
 
 from __future__ import annotations
 
-import functools
 import numbers
 from collections.abc import Hashable, Sequence
 from typing import Any, NamedTuple
@@ -18,15 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxinit._src import normalize as core
 from jaxinit._src.axes import canonical_axes
-from jaxinit._src.moments import (
-    Moments,
-    all_reduce_stats,
-    check_float_input,
-    fresh,
-    prepare_mask,
-    shifted_stats,
-)
+from jaxinit._src.moments import Moments, check_float_input, prepare_mask
 
 __all__ = [
     "BatchNormState",
@@ -213,114 +206,7 @@ def update_running_stats(
     )
 
 
-# --------------------------------------------------------------------------- train-mode core
-
-
-class _Config(NamedTuple):
-    red: tuple[int, ...]
-    axis_name: Hashable | None
-    groups: tuple[tuple[int, ...], ...] | None
-    epsilon: float
-    fast_variance: bool
-
-
-def _stats(x, mask, cfg: _Config):
-    st = shifted_stats(x, cfg.red, mask, fast_variance=cfg.fast_variance)
-    if cfg.axis_name is not None:
-        st = all_reduce_stats(st, cfg.axis_name, cfg.groups)
-    return st
-
-
-def _bcast(v, red):
-    return jnp.expand_dims(v, red)
-
-
-def _train_fwd(x, scale, bias, mask, cfg: _Config):
-    red = cfg.red
-    st = _stats(x, mask, cfg)
-    safe_n = jnp.maximum(st.count, 1.0)
-    var = st.m2 / safe_n
-    r = lax.rsqrt(var + jnp.asarray(cfg.epsilon, _F32))
-    a = r * scale.astype(_F32)
-    xa, sa, da, aa, ba = fresh(x, st.shift, st.dmean, a, bias.astype(_F32))
-    y = ((xa.astype(_F32) - _bcast(sa, red)) - _bcast(da, red)) * _bcast(aa, red) + _bcast(ba, red)
-    out = (y.astype(x.dtype), st.count, st.shift + st.dmean, var)
-    return out, (x, scale, bias, mask, st.shift, st.dmean, r, safe_n)
-
-
-def _train_bwd(cfg: _Config, res, cts):
-    x, scale, bias, mask, shift, dmean, r, n = res
-    dy, _, g_mean, g_var = cts
-    red = cfg.red
-
-    # Two reductions (each one fused read, at most one broadcast) and one elementwise pass.
-    (dya,) = fresh(dy)
-    sum_dy = jnp.sum(dya.astype(_F32), axis=red)
-    xb, dyb, sb = fresh(x, dy, shift)
-    sum_dys = jnp.sum(dyb.astype(_F32) * (xb.astype(_F32) - _bcast(sb, red)), axis=red)
-    sum_dyx = (sum_dys - dmean * sum_dy) * r  # sum(dy * xhat)
-    # Every output (masked or not) depends on the statistics, so these sums run over all
-    # elements; only the statistics' own dependence on x is restricted to the mask.
-    ms = jnp.stack([sum_dy, sum_dyx])
-    if cfg.axis_name is not None:
-        ms = lax.psum(ms, cfg.axis_name, axis_index_groups=cfg.groups)
-    a = scale.astype(_F32) * r
-    b = (g_mean - a * ms[0]) / n
-    c = (2.0 * g_var - a * r * ms[1]) / n  # multiplies x - mean
-    # dx = a*dy + b + c*(x - mean), with x - mean = (x - shift) - dmean.
-    xc_, dyc, sc, ac, bcf, cc, mc = fresh(x, dy, shift, a, b - c * dmean, c, mask)
-    corr = _bcast(bcf, red) + _bcast(cc, red) * (xc_.astype(_F32) - _bcast(sc, red))
-    if mc is not None:
-        corr = jnp.where(mc, corr, 0.0)
-    dx = (_bcast(ac, red) * dyc.astype(_F32) + corr).astype(x.dtype)
-    d_scale = _same_sharding(sum_dyx.astype(scale.dtype), scale)
-    d_bias = _same_sharding(sum_dy.astype(bias.dtype), bias)
-    return _same_sharding(dx, x), d_scale, d_bias, None
-
-
-def _same_sharding(g: jax.Array, like: jax.Array) -> jax.Array:
-    """Gives a cotangent its primal's sharding type (they differ under Explicit mesh axes)."""
-    want = getattr(jax.typeof(like), "sharding", None)
-    have = getattr(jax.typeof(g), "sharding", None)
-    if want is None or have is None or getattr(want, "spec", None) == getattr(have, "spec", None):
-        return g
-    return jax.sharding.reshard(g, want.spec)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _train_core(x, scale, bias, mask, cfg: _Config):
-    return _train_fwd(x, scale, bias, mask, cfg)[0]
-
-
-_train_core.defvjp(_train_fwd, _train_bwd)
-
-
 # --------------------------------------------------------------------------- public function
-
-
-def _varying(a: Any) -> frozenset:
-    aval = jax.typeof(a)
-    mat = getattr(aval, "mat", None)
-    return frozenset(getattr(mat, "varying", None) or getattr(aval, "vma", None) or ())
-
-
-def _vary_like(x: jax.Array, p: jax.Array) -> jax.Array:
-    missing = _varying(x) - _varying(p)
-    if not missing:
-        return p
-    return lax.pcast(p, tuple(sorted(missing, key=str)), to="varying")
-
-
-def _check_param(p: Any, name: str, feat_shape: tuple[int, ...]) -> jax.Array:
-    p = jnp.asarray(p)
-    if not jnp.issubdtype(p.dtype, jnp.floating):
-        raise TypeError(f"{name} must have a floating dtype, got {p.dtype}.")
-    if p.shape != feat_shape:
-        raise ValueError(
-            f"{name} has shape {p.shape}; expected the feature shape {feat_shape} "
-            f"(x's sizes along the feature axes)."
-        )
-    return p
 
 
 def batch_norm(
@@ -419,44 +305,57 @@ def batch_norm(
         )
     x = jnp.asarray(x)
     check_float_input(x)
-    feat = canonical_axes(x.ndim, axis)
-    red = tuple(i for i in range(x.ndim) if i not in feat)
-    feat_shape = tuple(x.shape[i] for i in feat)
-    if tuple(state.mean.shape) != feat_shape or tuple(state.var.shape) != feat_shape:
+    feature_axes = canonical_axes(x.ndim, axis)
+    reduce_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
+    feature_shape = tuple(x.shape[i] for i in feature_axes)
+    if tuple(state.mean.shape) != feature_shape or tuple(state.var.shape) != feature_shape:
         raise ValueError(
-            f"x's feature shape {feat_shape} (x.shape={x.shape}, axis={axis!r}) does not match "
-            f"the state's mean {tuple(state.mean.shape)} / var {tuple(state.var.shape)}."
+            f"x's feature shape {feature_shape} (x.shape={x.shape}, axis={axis!r}) does not "
+            f"match the state's mean {tuple(state.mean.shape)} / var {tuple(state.var.shape)}."
         )
     _check_momentum(momentum)
-    if isinstance(epsilon, numbers.Real) and not epsilon >= 0:
-        raise ValueError(f"epsilon must be non-negative, got {epsilon!r}.")
-    scale = (
-        jnp.ones(feat_shape, _F32) if scale is None else _check_param(scale, "scale", feat_shape)
-    )
-    bias = jnp.zeros(feat_shape, _F32) if bias is None else _check_param(bias, "bias", feat_shape)
+    core.check_epsilon(epsilon)
+    what = "x's sizes along the feature axes"
+    if scale is not None:
+        scale = core.check_param(scale, "scale", feature_shape, what)
+    if bias is not None:
+        bias = core.check_param(bias, "bias", feature_shape, what)
     m = prepare_mask(mask, x.shape)
-    groups = None
-    if axis_index_groups is not None:
-        groups = tuple(tuple(int(i) for i in g) for g in axis_index_groups)
+
+    def broadcastable(v: jax.Array | None, dtype: Any) -> jax.Array | None:
+        return None if v is None else jnp.expand_dims(v.astype(dtype), reduce_axes)
 
     if not training:
         sdt = state.mean.dtype if jnp.dtype(state.mean.dtype).itemsize >= 4 else _F32
-        a = lax.rsqrt(state.var.astype(sdt) + jnp.asarray(epsilon, sdt)) * scale.astype(sdt)
-        y = (x.astype(sdt) - _bcast(state.mean.astype(sdt), red)) * _bcast(a, red) + _bcast(
-            bias.astype(sdt), red
-        )
+        one = jnp.ones((), sdt)
+        mul = lax.rsqrt(state.var.astype(sdt) + jnp.asarray(epsilon, sdt))
+        mul = mul * (one if scale is None else scale.astype(sdt))
+        y = (x.astype(sdt) - broadcastable(state.mean, sdt)) * broadcastable(mul, sdt)
+        if bias is not None:
+            y = y + broadcastable(bias, sdt)
         return y.astype(x.dtype), state
 
-    cfg = _Config(red, axis_name, groups, float(epsilon), bool(fast_variance))
-    # Inside shard_map, scale and bias (replicated) must vary like x for the custom VJP; the
-    # transpose of this cast sums their cotangents over the devices.
-    scale, bias = _vary_like(x, scale), _vary_like(x, bias)
-    y, count, mean, var = _train_core(x, scale, bias, m, cfg)
+    plan = core.plan(
+        reduce_axes,
+        feature_axes,
+        centered=True,
+        epsilon=epsilon,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        fast_variance=fast_variance,
+    )
+    y, stats = core.normalize(
+        x,
+        None if scale is None else jnp.expand_dims(scale, reduce_axes),
+        None if bias is None else jnp.expand_dims(bias, reduce_axes),
+        m,
+        plan,
+    )
     new_state = _update(
         state,
-        count,
-        mean,
-        var,
+        stats.count,
+        stats.mean,
+        stats.var,
         momentum=momentum,
         unbiased_running_var=unbiased_running_var,
         nan_guard=nan_guard,

@@ -115,7 +115,9 @@ class ShiftedStats(NamedTuple):
 
     Keeping the two parts apart lets ``x - mean`` be formed as ``(x - shift) - dmean``, which is
     exact to float32 rounding of a number of order one even when the mean is 1e4 standard
-    deviations from zero.
+    deviations from zero. The fields keep the reduced axes (size 1), so they broadcast against
+    ``x``. For uncentred statistics (RMS) ``shift`` and ``dmean`` are 0 and ``m2`` is the sum of
+    squares.
     """
 
     count: jax.Array
@@ -123,24 +125,36 @@ class ShiftedStats(NamedTuple):
     dmean: jax.Array
     m2: jax.Array
 
+    def squeeze(self, axes: tuple[int, ...]) -> ShiftedStats:
+        """The same statistics with the (size-1) reduced ``axes`` dropped."""
+        return ShiftedStats(*(jnp.squeeze(v, axis=axes) for v in self))
+
     def to_moments(self) -> Moments:
+        """As :class:`Moments` (count, mean, M2)."""
         return Moments(self.count, self.shift + self.dmean, self.m2)
 
 
-def masked_count(mask: jax.Array | None, shape: tuple[int, ...], red: tuple[int, ...]) -> jax.Array:
-    """Per-feature count of kept elements (float32, feature shape)."""
-    feat_shape = tuple(s for i, s in enumerate(shape) if i not in red)
+def stat_dtype(dtype: Any) -> jnp.dtype:
+    """The dtype statistics are computed in: float32, or float64 for float64 input."""
+    dtype = jnp.dtype(dtype)
+    return dtype if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize > 4 else jnp.dtype(_F32)
+
+
+def masked_count(
+    mask: jax.Array | None, shape: tuple[int, ...], axes: tuple[int, ...]
+) -> jax.Array:
+    """Count of kept elements over ``axes`` (float32, ``shape`` with ``axes`` of size 1)."""
+    stat_shape = tuple(1 if i in axes else s for i, s in enumerate(shape))
     if mask is None:
-        return jnp.full(feat_shape, float(math.prod(shape[i] for i in red)), _F32)
+        return jnp.full(stat_shape, float(math.prod(shape[i] for i in axes)), _F32)
     # Sum over the mask's own extent; broadcast axes contribute their size as a factor.
-    own = tuple(i for i in red if mask.shape[i] != 1)
-    factor = float(math.prod(shape[i] for i in red if mask.shape[i] == 1))
-    c = jnp.sum(mask, axis=own, dtype=_F32, keepdims=True) * factor
-    c = jnp.squeeze(c, axis=red)
-    return jnp.broadcast_to(c, feat_shape)
+    own = tuple(i for i in axes if mask.shape[i] != 1)
+    factor = float(math.prod(shape[i] for i in axes if mask.shape[i] == 1))
+    count = jnp.sum(mask, axis=own, dtype=_F32, keepdims=True) * factor
+    return jnp.broadcast_to(count, stat_shape)
 
 
-def fresh(*arrays: Any) -> tuple[Any, ...]:
+def pass_inputs(*arrays: Any) -> tuple[Any, ...]:
     """An identity that XLA cannot see through, applied at the start of every full-size pass.
 
     XLA:CPU does not fuse an expression (a broadcast of a per-feature vector, a dtype
@@ -151,19 +165,82 @@ def fresh(*arrays: Any) -> tuple[Any, ...]:
     return lax.optimization_barrier(arrays)
 
 
-def _explicitly_sharded(x: jax.Array, red: tuple[int, ...]) -> bool:
+def _explicitly_sharded(x: jax.Array, axes: tuple[int, ...]) -> bool:
     spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
-    return bool(spec) and any(i < len(spec) and spec[i] is not None for i in red)
+    return bool(spec) and any(i < len(spec) and spec[i] is not None for i in axes)
+
+
+class Pool(NamedTuple):
+    """Pools per-channel statistics over groups of consecutive channels (group norm).
+
+    Statistics stay in ``x``'s layout (one value per channel, equal within a group), so every
+    full-size pass broadcasts a plain per-channel vector: XLA:CPU runs a reduction over
+    ``(N, H, W, G, C/G)`` with a broadcast along the minor ``C/G`` axis some ten times slower than
+    the same work on ``(N, H, W, C)``.
+
+    Attributes:
+        axis: the channel axis, or None for no pooling.
+        groups: the number of groups along it.
+    """
+
+    axis: int | None
+    groups: int
+
+    def _grouped(self, v: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
+        a, c = self.axis, v.shape[self.axis]
+        shape = (*v.shape[:a], self.groups, c // self.groups, *v.shape[a + 1 :])
+        return v.reshape(shape), v.shape
+
+    def sum(self, v: jax.Array) -> jax.Array:
+        """The sum over each group, repeated for each of its channels."""
+        if self.axis is None or v.shape[self.axis] == self.groups:
+            return v
+        g, shape = self._grouped(v)
+        s = jnp.sum(g, axis=self.axis + 1, keepdims=True)
+        return jnp.broadcast_to(s, g.shape).reshape(shape)
+
+    def first(self, v: jax.Array) -> jax.Array:
+        """Each group's first channel, repeated for each of its channels."""
+        if self.axis is None or v.shape[self.axis] == self.groups:
+            return v
+        g, shape = self._grouped(v)
+        head = lax.slice_in_dim(g, 0, 1, axis=self.axis + 1)
+        return jnp.broadcast_to(head, g.shape).reshape(shape)
+
+
+def staged_sum(v: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """``jnp.sum(v, axes, keepdims=True)``, the trailing reduced axes last when others are kept.
+
+    Group norm reduces ``(H, W, C/G)`` of ``(N, H, W, G, C/G)``; XLA:CPU emits that as a slow
+    strided loop, but summing over ``(H, W)`` first is a fast reduction over leading axes (the
+    kept minor axes stay contiguous), and the rest runs on a small array.
+    """
+    trailing = []
+    for i in range(v.ndim - 1, -1, -1):
+        if i not in axes:
+            break
+        trailing.append(i)
+    leading = tuple(i for i in axes if i not in trailing)
+    if trailing and leading:
+        v = jnp.sum(v, axis=leading, keepdims=True)
+        axes = tuple(trailing)
+    return jnp.sum(v, axis=axes, keepdims=True)
+
+
+def _kept(v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    return v if mask is None else jnp.where(mask, v, 0.0)
 
 
 def shifted_stats(
     x: jax.Array,
-    red: tuple[int, ...],
+    axes: tuple[int, ...],
     mask: jax.Array | None = None,
     *,
+    centered: bool = True,
     fast_variance: bool = False,
+    pool: Pool | None = None,
 ) -> ShiftedStats:
-    """Per-feature statistics of ``x`` over the axes ``red``, in float32.
+    """Statistics of ``x`` over ``axes`` (kept as size-1 axes), in float32 or wider.
 
     Shifted sums ``s1 = sum(x - s)`` and ``s2 = sum((x - s)**2)``, with ``s`` the first element
     along the reduced axes (a sample of the data, so the summed values are of the order of the
@@ -171,55 +248,53 @@ def shifted_stats(
     ``m2 = s2 - s1 * dmean``. With a mask the shift is the plain masked mean (one more pass),
     since the first element may be padding.
     ``fast_variance=True`` is the textbook ``E[x^2] - E[x]^2`` (two independent sums, unstable
-    away from zero mean; clamped at 0).
+    away from zero mean; clamped at 0). ``centered=False`` gives the sum of squares (RMS).
+    ``pool`` further pools the statistics over groups of one kept axis (group norm's channels).
     """
-    count = masked_count(mask, x.shape, red)
+    dtype = stat_dtype(x.dtype)
+    pool = pool or Pool(None, 1)
+    count = pool.sum(masked_count(mask, x.shape, axes))
     safe_n = jnp.maximum(count, 1.0)
 
-    def bc(v):
-        return jnp.expand_dims(v, red)
+    def total(v: jax.Array, m: jax.Array | None) -> jax.Array:
+        return pool.sum(staged_sum(_kept(v, m), axes))
 
-    def f32(a):
-        return a.astype(_F32)
-
-    def keep(v, m):
-        return v if m is None else jnp.where(m, v, 0.0)
-
+    zeros = jnp.zeros(count.shape, dtype)
+    if not centered:
+        return ShiftedStats(count, zeros, zeros, total(jnp.square(x.astype(dtype)), mask))
     if fast_variance:
-        s1 = jnp.sum(keep(f32(x), mask), axis=red)
-        xb, mb = fresh(x, mask)
-        s2 = jnp.sum(keep(jnp.square(f32(xb)), mb), axis=red)
+        s1 = total(x.astype(dtype), mask)
+        x2, m2 = pass_inputs(x, mask)
+        s2 = total(jnp.square(x2.astype(dtype)), m2)
         dmean = s1 / safe_n
-        m2 = jnp.maximum(s2 - s1 * dmean, 0.0)
-        return ShiftedStats(count, jnp.zeros_like(dmean), dmean, m2)
-    if mask is None and not _explicitly_sharded(x, red):
-        idx = tuple(0 if i in red else slice(None) for i in range(x.ndim))
-        shift = f32(x[idx])
+        return ShiftedStats(count, zeros, dmean, jnp.maximum(s2 - s1 * dmean, 0.0))
+    if mask is None and not _explicitly_sharded(x, axes):
+        first = tuple(slice(0, 1) if i in axes else slice(None) for i in range(x.ndim))
+        shift = pool.first(x[first].astype(dtype))
     else:
         # Masked (the first element may be padding) or split over an Explicit mesh axis (no
         # cheap slice): the shift is the plain mean, one more pass.
-        xa, ma = fresh(x, mask)
-        shift = jnp.sum(keep(f32(xa), ma), axis=red) / safe_n
+        x0, m0 = pass_inputs(x, mask)
+        shift = total(x0.astype(dtype), m0) / safe_n
     shift = lax.stop_gradient(shift)
     # Two independent shifted sums (each one fused read of x with a single broadcast); the
     # cancellation in s2 - s1 * dmean is of the order of ((mean - shift) / std)**2, small
     # because the shift is a sample of the data (or, with a mask, its mean).
     # Only the second pass goes through the barrier: two identical barriers would be merged by
     # CSE, and the shared `x - shift` would then be written out as a full-size temporary.
-    s1 = jnp.sum(keep(f32(x) - bc(shift), mask), axis=red)
-    xb, mb, sb = fresh(x, mask, shift)
-    s2 = jnp.sum(keep(jnp.square(f32(xb) - bc(sb)), mb), axis=red)
+    s1 = total(x.astype(dtype) - shift, mask)
+    x2, m2, shift2 = pass_inputs(x, mask, shift)
+    s2 = total(jnp.square(x2.astype(dtype) - shift2), m2)
     dmean = s1 / safe_n
-    m2 = jnp.maximum(s2 - s1 * dmean, 0.0)
-    return ShiftedStats(count, shift, dmean, m2)
+    return ShiftedStats(count, shift, dmean, jnp.maximum(s2 - s1 * dmean, 0.0))
 
 
 def _combine_gathered(g: ShiftedStats) -> ShiftedStats:
     """Exact merge of shifted statistics stacked along axis 0 (one entry per device)."""
     n = jnp.sum(g.count, axis=0)
     # Shift by the best-populated device's shift (exact), then deviations from the global mean.
-    k = jnp.argmax(g.count, axis=0)
-    shift = jnp.take_along_axis(g.shift, k[None], axis=0)[0]
+    best = jnp.argmax(g.count, axis=0)
+    shift = jnp.take_along_axis(g.shift, best[None], axis=0)[0]
     rel = (g.shift - shift) + g.dmean
     dmean = jnp.sum(g.count * rel, axis=0) / jnp.maximum(n, 1.0)
     dev = rel - dmean
@@ -231,7 +306,7 @@ def all_reduce_stats(
     s: ShiftedStats, axis_name: Hashable, axis_index_groups: Sequence[Sequence[int]] | None = None
 ) -> ShiftedStats:
     """Count-weighted, exact combination of per-device statistics with one all-gather."""
-    stacked = jnp.stack([s.count, s.shift, s.dmean, s.m2])
+    stacked = jnp.stack([s.count.astype(s.m2.dtype), s.shift, s.dmean, s.m2])
     names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
     aval = jax.typeof(stacked)
     vma = getattr(getattr(aval, "mat", None), "varying", None) or getattr(aval, "vma", ())
@@ -240,7 +315,8 @@ def all_reduce_stats(
         g = lax.all_gather(stacked, axis_name, to="invarying")
     else:
         g = lax.all_gather(stacked, axis_name, axis_index_groups=axis_index_groups)
-    return _combine_gathered(ShiftedStats(g[:, 0], g[:, 1], g[:, 2], g[:, 3]))
+    merged = _combine_gathered(ShiftedStats(g[:, 0], g[:, 1], g[:, 2], g[:, 3]))
+    return merged._replace(count=merged.count.astype(s.count.dtype))
 
 
 # --------------------------------------------------------------------------- public API
@@ -276,12 +352,12 @@ def batch_moments(
     x = jnp.asarray(x)
     check_float_input(x)
     feat = canonical_axes(x.ndim, axis)
-    red = tuple(i for i in range(x.ndim) if i not in feat)
+    reduce_axes = tuple(i for i in range(x.ndim) if i not in feat)
     m = prepare_mask(mask, x.shape)
     if m is None:
         # A two-pass form here: this is the reference building block, not the hot path.
         m = jnp.ones((1,) * x.ndim, bool)
-    return shifted_stats(x, red, m).to_moments()
+    return shifted_stats(x, reduce_axes, m).squeeze(reduce_axes).to_moments()
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:

@@ -59,6 +59,18 @@ def _renamed(tensors: Mapping[str, Any], names: Mapping[str, str]) -> Arrays:
     return {names.get(k, k): np.asarray(v) for k, v in tensors.items()}
 
 
+def _norm(
+    prefix: str, tensors: Mapping[str, np.ndarray], keep_count: bool
+) -> tuple[Arrays, Arrays]:
+    """A LayerNorm/GroupNorm/RMSNorm: ``weight`` -> ``scale``, shapes kept (of any rank)."""
+    w, b = tensors.get("weight"), tensors.get("bias")
+    if w is not None and b is not None and w.shape != b.shape:
+        raise ValueError(
+            f"torch norm {prefix!r}: bias shape {b.shape} differs from weight shape {w.shape}"
+        )
+    return _renamed(tensors, {"weight": "scale"}), {}
+
+
 _WEIGHT = frozenset({"weight"})
 _AFFINE = frozenset({"weight", "bias"})
 _SCALE = frozenset({"scale", "bias"})
@@ -79,19 +91,30 @@ def _kernel_kind(
     )
 
 
+def _norm_kind(torch_names: frozenset[str], flax_names: frozenset[str]) -> _Kind:
+    """A norm layer: ``weight`` (and ``bias``) in torch, ``scale`` (and ``bias``) in Flax."""
+    return _Kind(
+        torch_names,
+        frozenset(),
+        flax_names,
+        _norm,
+        lambda params, stats: _renamed(params, {"scale": "weight"}),
+    )
+
+
+_NORM = _norm_kind(_AFFINE, _SCALE)
+
 _KINDS: dict[str, _Kind] = {
     "linear": _kernel_kind(layers.linear_from_torch, layers.linear_to_torch),
     "conv": _kernel_kind(layers.conv_from_torch, layers.conv_to_torch),
     "batch_norm": _Kind(
         _AFFINE | _BN_STATS, frozenset(), _SCALE, _batch_norm, layers.batch_norm_to_torch
     ),
-    "norm": _Kind(
-        _AFFINE,
-        frozenset(),
-        _SCALE,
-        lambda prefix, t, keep_count: (_renamed(t, {"weight": "scale"}), {}),
-        lambda params, stats: _renamed(params, {"scale": "weight"}),
-    ),
+    "norm": _NORM,
+    "layer_norm": _NORM,
+    "group_norm": _NORM,
+    # torch's RMSNorm, like Flax's, has a weight (scale) only.
+    "rms_norm": _norm_kind(_WEIGHT, frozenset({"scale"})),
     "embed": _Kind(
         _WEIGHT,
         _WEIGHT,
@@ -129,15 +152,15 @@ def _dotted(prefix: str, names: list[str]) -> list[str]:
 def _infer_kind(prefix: str, tensors: Mapping[str, np.ndarray]) -> str:
     """Checks the tensor names, then infers the kind.
 
-    Running statistics make a batch norm; otherwise the weight's rank decides: 2 linear, 3-5 conv,
-    1 norm.
+    Running statistics make a batch norm; a bias of the weight's shape (a Linear's or a Conv's
+    bias is 1-D) makes a norm; otherwise the weight's rank decides: 2 linear, 3-5 conv, 1 norm.
     """
     unknown = sorted(set(tensors) - _TORCH_NAMES)
     if unknown:
         raise ValueError(
             f"cannot convert torch tensors {_dotted(prefix, unknown)}"
-            f": only {sorted(_TORCH_NAMES)} of Linear, Conv, BatchNorm, LayerNorm/GroupNorm and "
-            f"Embedding modules are supported"
+            f": only {sorted(_TORCH_NAMES)} of Linear, Conv, BatchNorm, LayerNorm/GroupNorm/"
+            f"RMSNorm and Embedding modules are supported"
         )
     if "running_mean" in tensors or "running_var" in tensors:
         return "batch_norm"
@@ -146,14 +169,18 @@ def _infer_kind(prefix: str, tensors: Mapping[str, np.ndarray]) -> str:
             f"cannot tell the layer type of torch module {prefix!r} (tensors {sorted(tensors)}); "
             f"name it in `kinds`, one of {_KIND_NAMES}"
         )
-    ndim = tensors["weight"].ndim
+    w, b = tensors["weight"], tensors.get("bias")
+    ndim = w.ndim
+    if ndim == 1 or (b is not None and b.shape == w.shape):
+        return "norm"
     if ndim == 2:
         return "linear"
     if 3 <= ndim <= 5:
         return "conv"
-    if ndim == 1:
-        return "norm"
-    raise ValueError(f"torch module {prefix!r} has a weight of unsupported rank {ndim}")
+    raise ValueError(
+        f"torch module {prefix!r} has a weight of unsupported rank {ndim}; name a norm's weight "
+        f'in `kinds` ("layer_norm", "rms_norm")'
+    )
 
 
 def _check_tensors(prefix: str, kind: str, tensors: Mapping[str, np.ndarray]) -> None:
@@ -196,9 +223,12 @@ def torch_state_dict_to_flax(
     """Converts a torch state dict (name -> array) to Flax ``{"params", "batch_stats"}``.
 
     Names are grouped by module prefix (everything before the last ``.``) and each module's kind
-    is inferred: running statistics make a batch norm, a 2-D weight a Linear, a weight of rank
-    3-5 a Conv, a 1-D weight a LayerNorm/GroupNorm. An ``nn.Embedding`` (also a 2-D weight) must
-    be named in ``kinds`` as ``"embed"``. A module's Flax path is its prefix split at the dots
+    is inferred: running statistics make a batch norm; a 1-D weight, or a bias of the weight's
+    shape, a LayerNorm/GroupNorm/RMSNorm; otherwise a 2-D weight a Linear and a weight of rank
+    3-5 a Conv. A norm's ``weight`` becomes ``scale``, shape kept. Name in ``kinds`` what that
+    misreads: an ``nn.Embedding`` (a 2-D weight) as ``"embed"``, and an ``RMSNorm`` or a
+    ``LayerNorm(bias=False)`` over several axes (a weight of rank >= 2 and no bias, read as a
+    Linear or Conv) as ``"rms_norm"`` or ``"layer_norm"``. A module's Flax path is its prefix split at the dots
     (``"layer1.0.conv1"`` -> ``layer1/0/conv1``) unless ``rename`` gives a ``"/"``-separated one.
 
     Flattening a conv feature map orders features (C, H, W) in torch and (H, W, C) in Flax: the
@@ -208,7 +238,9 @@ def torch_state_dict_to_flax(
         state_dict: torch tensor names to array-likes (``{k: v.numpy() for k, v in ...}``).
         rename: optional map from torch module prefix to Flax path.
         kinds: optional map from torch module prefix to one of ``"linear"``, ``"conv"``,
-            ``"batch_norm"``, ``"norm"``, ``"embed"``.
+            ``"batch_norm"``, ``"norm"``, ``"layer_norm"``, ``"group_norm"``, ``"rms_norm"``,
+            ``"embed"``. The norm kinds take a weight of any rank; ``"rms_norm"`` rejects a
+            bias, as torch's RMSNorm has none.
         keep_count: keep batch-norm ``num_batches_tracked`` as ``batch_stats[...]["count"]``.
 
     Returns:
@@ -228,6 +260,9 @@ def torch_state_dict_to_flax(
         >>> v = torch_state_dict_to_flax(sd, rename={"fc": "Dense_0", "bn": "BatchNorm_0"})
         >>> v["params"]["Dense_0"]["kernel"].shape, sorted(v["batch_stats"]["BatchNorm_0"])
         ((128, 10), ['mean', 'var'])
+        >>> v = torch_state_dict_to_flax({"rms.weight": np.ones((4, 8))}, kinds={"rms": "rms_norm"})
+        >>> v["params"]["rms"]["scale"].shape
+        (4, 8)
     """
     rename, kinds = dict(rename or {}), dict(kinds or {})
     _check_kinds(kinds)
@@ -276,8 +311,9 @@ def flax_to_torch_state_dict(
 
     The inverse of :func:`torch_state_dict_to_flax`: a 2-D ``kernel`` becomes a Linear weight, a
     ``kernel`` of rank 3-5 a Conv weight, ``embedding`` an Embedding weight, a node with
-    ``batch_stats`` a BatchNorm (``num_batches_tracked`` from ``count``, else 0) and
-    ``scale``/``bias`` without statistics a LayerNorm/GroupNorm.
+    ``batch_stats`` a BatchNorm (``num_batches_tracked`` from ``count``, else 0) and ``scale``
+    (and ``bias``) without statistics a LayerNorm/GroupNorm/RMSNorm ``weight`` (and ``bias``) of
+    the same shape, of any rank.
 
     Args:
         variables: ``{"params": ..., "batch_stats": ...}`` (``batch_stats`` optional).
