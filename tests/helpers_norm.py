@@ -187,3 +187,60 @@ def assert_close_to_scale(actual, desired, tol):
     """
     desired = f64(desired)
     np.testing.assert_allclose(actual, desired, rtol=0, atol=tol * float(np.max(np.abs(desired))))
+
+
+# --------------------------------------------------------------------------- the norm family
+
+
+def np_norm(x, red, scale=None, bias=None, mask=None, eps=1e-6, centered=True):
+    """Float64 ``(x - mean) / sqrt(var + eps) * scale + bias`` over axes ``red``.
+
+    ``scale`` and ``bias`` broadcast against ``x`` (x's rank, size 1 off their axes);
+    ``centered=False`` is RMS norm (``x / sqrt(mean(x**2) + eps) * scale``). Statistics use the
+    kept elements of ``mask``; a group with none gets mean 0 and variance 0.
+    """
+    x = f64(x)
+    m = np.broadcast_to(np.ones((), bool) if mask is None else np.asarray(mask), x.shape)
+    n = np.maximum(m.sum(axis=red, keepdims=True), 1)
+    mean = np.where(m, x, 0.0).sum(axis=red, keepdims=True) / n if centered else 0.0
+    var = np.where(m, (x - mean) ** 2, 0.0).sum(axis=red, keepdims=True) / n
+    y = (x - mean) / np.sqrt(var + eps)
+    if scale is not None:
+        y = y * f64(scale)
+    if bias is not None:
+        y = y + f64(bias)
+    return y
+
+
+def np_norm_grads(x, red, scale, bias, w, mask=None, eps=1e-6, centered=True):
+    """Float64 gradients of ``sum(np_norm(x, ...) * w)`` with respect to x, scale and bias.
+
+    With ``r = 1/sqrt(var + eps)``, ``xhat = (x - mean) * r``, ``g = w * scale`` and ``m`` the
+    mask: ``dx = r * (g - m/n * sum(g) - m * xhat/n * sum(g * xhat))``, the sums over ``red``
+    (every output depends on the statistics; the statistics only on the kept elements), without
+    the ``sum(g)`` term when uncentred. ``dscale = sum(w * xhat)`` and ``dbias = sum(w)`` over
+    the axes along which the parameter is broadcast. Checked against central differences in
+    test_normalization.
+    """
+    x, w = f64(x), f64(w)
+    m = np.broadcast_to(np.ones((), bool) if mask is None else np.asarray(mask), x.shape)
+    n = np.maximum(m.sum(axis=red, keepdims=True), 1)
+    mean = np.where(m, x, 0.0).sum(axis=red, keepdims=True) / n if centered else 0.0
+    var = np.where(m, (x - mean) ** 2, 0.0).sum(axis=red, keepdims=True) / n
+    r = 1.0 / np.sqrt(var + eps)
+    xhat = (x - mean) * r
+    s = 1.0 if scale is None else f64(scale)
+    g = w * s
+    sum_gx = (g * xhat).sum(axis=red, keepdims=True)
+    dx = g - m * xhat * sum_gx / n
+    if centered:
+        dx = dx - m * g.sum(axis=red, keepdims=True) / n
+    dx = r * dx
+
+    def param_sum(v, p):
+        axes = tuple(i for i in range(x.ndim) if np.shape(p)[i] == 1)
+        return v.sum(axis=axes, keepdims=True)
+
+    ds = None if scale is None else param_sum(w * xhat, scale)
+    db = None if bias is None else param_sum(w, bias)
+    return dx, ds, db

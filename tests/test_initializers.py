@@ -297,6 +297,7 @@ def _sixteen_bit_draws():
     return jax.device_get(jax.jit(draw)(KEY))
 
 
+@pytest.mark.same_rounding
 def test_16_bit_draws_fill_the_grid_and_reach_the_tails():
     d = _sixteen_bit_draws()
     # jax draws the uniform bits in the 16-bit dtype: 128 values in bf16 (7 mantissa bits).
@@ -643,11 +644,14 @@ def _depth_stds(depth=50, width=256, batch=64, nets=8):
         return jax.lax.scan(layer, x, ws)[1]
 
     keys = jax.random.split(jax.random.key(0), nets)
+    # 50 layers of matmuls: running dominates compiling here, so optimize (conftest.py compiles
+    # at -O0 by default).
     run = jax.jit(
         lambda keys: {
             name: jax.vmap(lambda k, i=init, a=act: one_net(k, i, a))(keys)
             for name, (init, act) in DEPTH_CASES.items()
-        }
+        },
+        compiler_options={"xla_backend_optimization_level": 2},
     )
     return {name: tuple(np.asarray(v, np.float64) for v in out) for name, out in run(keys).items()}
 

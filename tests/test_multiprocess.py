@@ -100,7 +100,11 @@ class Cluster:
 
 
 REASON = _gloo_missing_reason()
-pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
+# Compares values computed in two processes with one process's: bit-identical at -O1.
+pytestmark = [
+    pytest.mark.skipif(REASON is not None, reason=REASON or ""),
+    pytest.mark.same_rounding,
+]
 
 
 @pytest.fixture(scope="module")

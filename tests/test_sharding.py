@@ -70,6 +70,7 @@ def _reference():
     return [np.asarray(x) for x in out]
 
 
+@pytest.mark.same_rounding
 @pytest.mark.parametrize("config", CONFIGS)
 def test_every_initializer_on_every_kind_of_sharding(config):
     kind, bare_spec, set_mesh, every = CONFIGS[config]

@@ -141,16 +141,16 @@ def stat_dtype(dtype: Any) -> jnp.dtype:
 
 
 def masked_count(
-    mask: jax.Array | None, shape: tuple[int, ...], axes: tuple[int, ...]
+    mask: jax.Array | None, shape: tuple[int, ...], axes: tuple[int, ...], dtype: Any = _F32
 ) -> jax.Array:
-    """Count of kept elements over ``axes`` (float32, ``shape`` with ``axes`` of size 1)."""
+    """Count of kept elements over ``axes`` (``dtype``, ``shape`` with ``axes`` of size 1)."""
     stat_shape = tuple(1 if i in axes else s for i, s in enumerate(shape))
     if mask is None:
-        return jnp.full(stat_shape, float(math.prod(shape[i] for i in axes)), _F32)
+        return jnp.full(stat_shape, float(math.prod(shape[i] for i in axes)), dtype)
     # Sum over the mask's own extent; broadcast axes contribute their size as a factor.
     own = tuple(i for i in axes if mask.shape[i] != 1)
     factor = float(math.prod(shape[i] for i in axes if mask.shape[i] == 1))
-    count = jnp.sum(mask, axis=own, dtype=_F32, keepdims=True) * factor
+    count = jnp.sum(mask, axis=own, dtype=dtype, keepdims=True) * factor
     return jnp.broadcast_to(count, stat_shape)
 
 
@@ -253,7 +253,7 @@ def shifted_stats(
     """
     dtype = stat_dtype(x.dtype)
     pool = pool or Pool(None, 1)
-    count = pool.sum(masked_count(mask, x.shape, axes))
+    count = pool.sum(masked_count(mask, x.shape, axes, dtype))
     safe_n = jnp.maximum(count, 1.0)
 
     def total(v: jax.Array, m: jax.Array | None) -> jax.Array:

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from jaxinit._src import normalize as core
 from jaxinit._src.axes import canonical_axes
@@ -205,8 +206,7 @@ def rms_norm(
     param_axes = canonical_axes(x.ndim, feature_axes, "feature_axes", x.shape)
     scale = _broadcastable(scale, "scale", x, param_axes)
     if scale is not None and zero_centered_scale:
-        dtype = stat_dtype(jnp.result_type(x.dtype, scale.dtype))
-        scale = 1.0 + scale.astype(dtype)
+        scale = 1.0 + scale.astype(stat_dtype(x.dtype))
     return _run(
         x,
         scale,
@@ -402,6 +402,15 @@ def instance_norm(
             f"batch axis (feature_axes={feature_axes!r} for an input of rank {x.ndim})."
         )
     reduce_axes = tuple(i for i in range(1, x.ndim) if i not in param_axes)
+    if not reduce_axes:
+        # Each element is its own group: x - mean is exactly 0, the output is the bias.
+        dtype = stat_dtype(x.dtype)
+        y = jnp.zeros(x.shape, dtype) + lax.stop_gradient(x).astype(dtype) * 0.0
+        if bias is not None:
+            y = y + _broadcastable(bias, "bias", x, param_axes).astype(dtype)
+        if scale is not None:
+            _broadcastable(scale, "scale", x, param_axes)
+        return y.astype(x.dtype)
     return _run(
         x,
         _broadcastable(scale, "scale", x, param_axes),
