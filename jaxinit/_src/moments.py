@@ -269,8 +269,11 @@ def shifted_stats(
         dmean = s1 / safe_n
         return ShiftedStats(count, zeros, dmean, jnp.maximum(s2 - s1 * dmean, 0.0))
     if mask is None and not _explicitly_sharded(x, axes):
+        # The slice reads its own copy of x: sharing s1's conversion of a 16-bit x would give
+        # that conversion two consumers, and XLA would write it out as a full-size float32 copy.
         first = tuple(slice(0, 1) if i in axes else slice(None) for i in range(x.ndim))
-        shift = pool.first(x[first].astype(dtype))
+        (x0,) = pass_inputs(x)
+        shift = pool.first(x0[first].astype(dtype))
     else:
         # Masked (the first element may be padding) or split over an Explicit mesh axis (no
         # cheap slice): the shift is the plain mean, one more pass.

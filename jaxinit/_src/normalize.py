@@ -268,20 +268,29 @@ def _backward(p: Plan, residuals, cotangents):
         d_bias = _sum(sum_dy, rest_o)
         d_scale = _sum(sum_dy_xhat, rest_o)
     else:
-        # Layer and RMS norm: one pass of sums over the reduced axes, one over the others.
-        x_a, dy_a, shift_a, dmean_a, rstd_a, scale_a = pass_inputs(
+        # Layer and RMS norm: sums over the reduced axes and over the others, each reduction
+        # with its own copy of its inputs (a 16-bit x or dy converted once for two reductions
+        # would be written out as a full-size float32 temporary).
+        def weighted(dy_: jax.Array, scale_: jax.Array | None) -> jax.Array:
+            g = dy_.astype(dtype)
+            return g if scale_ is None else g * scale_
+
+        def xhat(x_, shift_, dmean_, rstd_):
+            return (_centred(x_, shift_, dtype) - dmean_) * rstd_
+
+        dy_a, scale_a = pass_inputs(dy, scale_f)
+        sum_g = _sum(weighted(dy_a, scale_a), reduce_axes)
+        x_b, dy_b, shift_b, dmean_b, rstd_b, scale_b = pass_inputs(
             x, dy, shift, dmean, rstd, scale_f
         )
-        g = dy_a.astype(dtype)
-        g = g if scale_a is None else g * scale_a
-        sums = [
-            _sum(g, reduce_axes),
-            _sum(g * ((_centred(x_a, shift_a, dtype) - dmean_a) * rstd_a), reduce_axes),
-        ]
-        x_b, dy_b, shift_b, dmean_b, rstd_b = pass_inputs(x, dy, shift, dmean, rstd)
-        d_bias = _sum(dy_b.astype(dtype), other_axes)
-        xhat_b = (_centred(x_b, shift_b, dtype) - dmean_b) * rstd_b
-        d_scale = _sum(dy_b.astype(dtype) * xhat_b, other_axes)
+        sum_g_xhat = _sum(
+            weighted(dy_b, scale_b) * xhat(x_b, shift_b, dmean_b, rstd_b), reduce_axes
+        )
+        sums = [sum_g, sum_g_xhat]
+        (dy_c,) = pass_inputs(dy)
+        d_bias = _sum(dy_c.astype(dtype), other_axes)
+        x_d, dy_d, shift_d, dmean_d, rstd_d = pass_inputs(x, dy, shift, dmean, rstd)
+        d_scale = _sum(dy_d.astype(dtype) * xhat(x_d, shift_d, dmean_d, rstd_d), other_axes)
     sums = [p.pool.sum(v) for v in sums]
     if p.axis_name is not None:
         # Every output depends on the statistics of all devices: sum the statistics' cotangent
