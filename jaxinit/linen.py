@@ -67,6 +67,7 @@ class BatchNorm(nn.Module):
       (exact), where flax averages per-device means with equal weights.
     * A batch whose statistics are not finite leaves the running statistics unchanged
       (``nan_guard``).
+    * Real floating input only: complex input raises a ``TypeError`` (flax accepts it).
     * In training mode without a mutable ``batch_stats`` collection it raises a ``ValueError``
       that names the fix, ``mutable=['batch_stats']``.
 
@@ -247,7 +248,7 @@ class LayerNorm(nn.Module):
     :func:`jaxinit.layer_norm`. ``use_fast_variance`` defaults to False (flax: True), so the
     variance stays exact far from zero mean; with ``use_fast_variance=False`` on the flax side
     the outputs match flax's. Devices are weighted by their kept-element counts under
-    ``axis_name`` with a mask.
+    ``axis_name`` with a mask; complex input raises a ``TypeError`` (flax accepts it).
 
     Attributes:
         epsilon: added to the variance (the mean square for RMSNorm).

@@ -267,7 +267,9 @@ def batch_norm(
         axis_name: a named axis (``shard_map``, ``pmap``) to combine statistics over, with one
             all-gather, weighted by each device's count of valid elements.
         mask: optional boolean array broadcastable to ``x``; statistics use only the elements it
-            keeps (every element is still normalized).
+            keeps (every element is still normalized). A feature with no kept element is
+            normalized with mean 0 and variance 0 (finite, ``x * rsqrt(epsilon)``, where flax
+            gives NaN) and keeps its running statistics.
         unbiased_running_var: store the n/(n-1)-corrected batch variance in the state (torch);
             normalization always uses the biased one.
         axis_index_groups: optional groups along ``axis_name``, as in ``lax.psum``.

@@ -323,6 +323,9 @@ def _core(x, scale, bias, mask, p: Plan):
 
 
 _core.defvjp(_forward, _backward)
+# One compiled program per shape and plan when called eagerly (inside jit it is inlined), rather
+# than one small program per operation.
+_compiled_core = jax.jit(_core, static_argnums=4)
 
 
 def normalize(
@@ -345,4 +348,4 @@ def normalize(
         ``(y, stats)``: ``y`` of ``x``'s shape and dtype, and the :class:`Stats` of each group.
         Gradients flow through ``y`` and through ``stats.mean`` and ``stats.var``.
     """
-    return _core(x, vary_like(x, scale), vary_like(x, bias), mask, p)
+    return _compiled_core(x, vary_like(x, scale), vary_like(x, bias), mask, p)
