@@ -42,10 +42,20 @@ from jaxinit._src.batch_norm import (
     batch_norm_state,
     update_running_stats,
 )
+
+# --- weight and spectral normalization, batch-norm folding ---
+from jaxinit._src.folding import fold_batch_norm, fold_batch_norms
 from jaxinit._src.moments import Moments, all_reduce_moments, batch_moments, merge_moments
 
 # --- layer, RMS, group and instance norm ---
 from jaxinit._src.normalization import group_norm, instance_norm, layer_norm, rms_norm
+from jaxinit._src.reparam import (
+    SpectralNormState,
+    spectral_norm,
+    spectral_norm_state,
+    weight_norm,
+    weight_norm_scale,
+)
 
 # --- diagnostics and LSUV ---
 from jaxinit.diagnostics import (
@@ -126,6 +136,14 @@ __all__ = [
     "instance_norm",
     "layer_norm",
     "rms_norm",
+    # weight and spectral normalization, batch-norm folding
+    "SpectralNormState",
+    "fold_batch_norm",
+    "fold_batch_norms",
+    "spectral_norm",
+    "spectral_norm_state",
+    "weight_norm",
+    "weight_norm_scale",
     # diagnostics and LSUV
     "DepthReport",
     "DepthRow",

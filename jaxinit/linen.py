@@ -15,6 +15,7 @@ Import it as a submodule: ``import jaxinit.linen as jil``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Hashable, Iterator, Sequence
 from typing import Any
@@ -27,6 +28,7 @@ from flax.linen import initializers
 from jax.sharding import PartitionSpec
 
 from jaxinit._src import model_sharding
+from jaxinit._src import reparam as _reparam
 from jaxinit._src.axes import canonical_axes
 from jaxinit._src.batch_norm import BatchNormState
 from jaxinit._src.modules import (
@@ -38,7 +40,16 @@ from jaxinit._src.modules import (
 )
 from jaxinit._src.modules import promote as _promote
 
-__all__ = ["BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm", "init_sharded"]
+__all__ = [
+    "BatchNorm",
+    "GroupNorm",
+    "InstanceNorm",
+    "LayerNorm",
+    "RMSNorm",
+    "SpectralNorm",
+    "WeightNorm",
+    "init_sharded",
+]
 
 Dtype = Any
 Initializer = Any
@@ -483,6 +494,212 @@ class InstanceNorm(nn.Module):
             The normalised input, of ``x``'s shape.
         """
         return _normalize(self, "instance_norm", x, mask, self.use_bias)
+
+
+# --------------------------------------------------------------------------- reparametrizations
+
+
+def _key_path(layer: nn.Module, path: Any) -> str:
+    """Flax's variable name for a wrapped parameter: ``{layer name}/{key path}``."""
+    return f"{layer.name}/" + jax.tree_util.keystr(path[1:], simple=True, separator="/")
+
+
+def _wrapped_call(module: nn.Module, transform: Any, args: Any, kwargs: Any) -> Any:
+    """Calls ``module.layer_instance`` with its parameters seen through ``transform``.
+
+    The wrapped layer's stored parameters stay the raw ones: at ``init`` the layer first runs
+    as it is, creating them untransformed (flax's ``map_variables(init=True)`` stores the
+    transformed kernel instead), and the transformed view exists only inside the call.
+    """
+    if module.is_initializing():
+        module.layer_instance(*args, **kwargs)
+    return nn.map_variables(
+        lambda layer: layer(*args, **kwargs),
+        trans_in_fn=lambda vs: jax.tree_util.tree_map_with_path(transform, vs),
+        init=False,
+    )(module.layer_instance)
+
+
+class WeightNorm(nn.Module):
+    """Weight normalization of a wrapped layer, a drop-in for ``flax.linen.WeightNorm``.
+
+    Same fields, call and variables as flax's module (each normalized parameter's scale is the
+    param ``{layer}/{path}/scale`` of this module); the arithmetic is :func:`jaxinit.weight_norm`.
+    Deliberate differences (google/flax#4138 and the ``map_variables(init=True)`` behaviour):
+
+    * The scale starts at the wrapped weight's norm (:func:`jaxinit.weight_norm_scale`, torch's
+      and equinox's choice), so a wrapped layer's output at init equals the unwrapped layer's
+      with the same key. ``scale_init=nn.initializers.ones`` gives flax's start.
+    * The wrapped layer's stored parameters are the raw ones, at init and after: the normalized
+      weight exists only inside the call.
+
+    Attributes:
+        layer_instance: the wrapped module (e.g. ``nn.Dense(8)``).
+        epsilon: added to the sum of squares.
+        dtype: output dtype of the normalized parameters (default: promote them).
+        param_dtype: dtype of the scales.
+        use_scale: learn a scale per feature.
+        scale_init: the scales' initializer; None (default) means the wrapped weight's norm.
+        feature_axes: the feature axes of each parameter (None: one norm for the whole array).
+        variable_filter: normalize only parameters whose ``/``-joined path contains one of these.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, flax.linen as nn
+        >>> import jaxinit.linen as jil
+        >>> x = jnp.ones((2, 3))
+        >>> wn = jil.WeightNorm(nn.Dense(4))
+        >>> v = wn.init(jax.random.key(0), x)
+        >>> raw = {"params": v["params"]["layer_instance"]}  # the Dense's own, raw, parameters
+        >>> bool(jnp.allclose(wn.apply(v, x), nn.Dense(4).apply(raw, x), atol=1e-6))
+        True
+    """
+
+    layer_instance: nn.Module
+    epsilon: float = 1e-12
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_scale: bool = True
+    scale_init: Initializer | None = None
+    feature_axes: int | Sequence[int] | None = -1
+    variable_filter: Any = dataclasses.field(default_factory=lambda: {"kernel"})
+
+    @nn.compact
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Calls the wrapped layer with its filtered parameters weight-normalized.
+
+        Args:
+            *args: positional arguments of the wrapped layer's call.
+            **kwargs: keyword arguments of the wrapped layer's call.
+
+        Returns:
+            The wrapped layer's output.
+        """
+        return _wrapped_call(self, self._normalize, args, kwargs)
+
+    def _normalize(self, path: Any, value: Any) -> Any:
+        value = jnp.asarray(value)
+        name = _key_path(self.layer_instance, path)
+        if self.variable_filter and not any(f in name for f in self.variable_filter):
+            return value
+        feature_axes = (
+            () if self.feature_axes is None else canonical_axes(value.ndim, self.feature_axes)
+        )
+        shape = tuple(value.shape[a] for a in feature_axes)
+        scale = None
+        if self.use_scale:
+            init = self.scale_init
+            if init is None:
+
+                def init(key: Any, shape: Any, dtype: Any, value: Any = value) -> jax.Array:
+                    del key, shape
+                    return _reparam.weight_norm_scale(value, feature_axes=feature_axes).astype(
+                        dtype
+                    )
+
+            scale = self.param(name + "/scale", init, shape, self.param_dtype)
+        w = _reparam.weight_norm(value, scale, feature_axes=feature_axes, epsilon=self.epsilon)
+        out = self.dtype or _promote(value.dtype, *(() if scale is None else (scale.dtype,)))
+        return w.astype(out)
+
+
+class SpectralNorm(nn.Module):
+    """Spectral normalization of a wrapped layer, a drop-in for ``flax.linen.SpectralNorm``.
+
+    Same fields, call (``update_stats=``) and variables as flax's module: each normalized
+    parameter's ``u`` and ``sigma`` live in the ``collection_name`` collection (``batch_stats``)
+    as ``{layer}/{path}/u`` of shape ``(1, features)`` and ``{layer}/{path}/sigma``. The
+    arithmetic is :func:`jaxinit.spectral_norm`. Deliberate differences:
+
+    * At init, ``u`` is a random unit vector refined by ``n_warmup`` power iterations (torch's
+      registration; flax starts from an unnormalized random ``u``).
+    * ``update_stats=False`` (eval) runs no iteration: sigma comes from the stored ``u``
+      (deterministic, as torch's eval). ``iterate_at_eval=True`` restores flax's behaviour
+      (``n_steps`` iterations that are not stored).
+    * The wrapped layer's stored parameters are the raw ones, at init and after.
+
+    Parameters of rank <= 1 (biases) are left as they are, as in flax; higher-rank ones are
+    viewed as ``(-1, last axis)`` matrices (or refused with ``error_on_non_matrix``).
+
+    Attributes:
+        layer_instance: the wrapped module.
+        n_steps: power iterations per training call.
+        epsilon: added under the square roots of the vector normalizations.
+        dtype: output dtype of the normalized parameters (default: promote them).
+        param_dtype: dtype of ``u`` and ``sigma``.
+        error_on_non_matrix: raise for parameters of rank > 2 instead of flattening them.
+        collection_name: the collection of ``u`` and ``sigma``.
+        n_warmup: power iterations at init.
+        iterate_at_eval: flax's eval (iterate without storing) instead of torch's.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, flax.linen as nn
+        >>> import jaxinit.linen as jil
+        >>> sn = jil.SpectralNorm(nn.Dense(4))
+        >>> x = jnp.ones((2, 3))
+        >>> v = sn.init(jax.random.key(0), x, update_stats=False)
+        >>> sorted(v["batch_stats"])
+        ['layer_instance/kernel/sigma', 'layer_instance/kernel/u']
+        >>> y, upd = sn.apply(v, x, update_stats=True, mutable=["batch_stats"])
+    """
+
+    layer_instance: nn.Module
+    n_steps: int = 1
+    epsilon: float = 1e-12
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    error_on_non_matrix: bool = False
+    collection_name: str = "batch_stats"
+    n_warmup: int = 15
+    iterate_at_eval: bool = False
+
+    @nn.compact
+    def __call__(self, *args: Any, update_stats: bool, **kwargs: Any) -> Any:
+        """Calls the wrapped layer with its parameters divided by their largest singular value.
+
+        Args:
+            *args: positional arguments of the wrapped layer's call.
+            update_stats: run ``n_steps`` power iterations and store ``u`` and ``sigma``
+                (training), or use the stored ``u`` (eval).
+            **kwargs: keyword arguments of the wrapped layer's call.
+
+        Returns:
+            The wrapped layer's output.
+        """
+        return _wrapped_call(
+            self, functools.partial(self._normalize, update_stats=update_stats), args, kwargs
+        )
+
+    def _normalize(self, path: Any, value: Any, *, update_stats: bool) -> Any:
+        value = jnp.asarray(value)
+        if value.ndim <= 1 or self.n_steps < 1:
+            return value
+        if value.ndim > 2 and self.error_on_non_matrix:
+            raise ValueError(f"Input is {value.ndim}D but error_on_non_matrix is True")
+        name = _key_path(self.layer_instance, path)
+
+        def fresh_state() -> _reparam.SpectralNormState:
+            key = self.make_rng("params")
+            return _reparam.spectral_norm_state(key, value, n_warmup=self.n_warmup)
+
+        initial = (
+            fresh_state() if not self.has_variable(self.collection_name, name + "/u") else None
+        )
+        u_var = self.variable(
+            self.collection_name, name + "/u", lambda: initial.u.astype(self.param_dtype)
+        )
+        sigma_var = self.variable(
+            self.collection_name, name + "/sigma", lambda: initial.sigma.astype(self.param_dtype)
+        )
+        state = _reparam.SpectralNormState(u_var.value, sigma_var.value)
+        training = bool(update_stats) or self.iterate_at_eval
+        w, new = _reparam.spectral_norm(
+            value, state, training=training, n_steps=self.n_steps, epsilon=self.epsilon
+        )
+        if update_stats and not self.is_initializing():
+            u_var.value = new.u
+            sigma_var.value = new.sigma
+        out = self.dtype or _promote(value.dtype, u_var.value.dtype)
+        return w.astype(out)
 
 
 # --------------------------------------------------------------------------- sharded init

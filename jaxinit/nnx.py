@@ -25,8 +25,10 @@ from flax.nnx.nn import dtypes, initializers
 from jax.sharding import PartitionSpec
 
 from jaxinit._src import model_sharding
+from jaxinit._src import reparam as _reparam
 from jaxinit._src.axes import canonical_axes
 from jaxinit._src.batch_norm import BatchNormState
+from jaxinit._src.folding import fold_batch_norm as _fold
 from jaxinit._src.modules import (
     call_batch_norm,
     call_norm,
@@ -37,11 +39,22 @@ from jaxinit._src.modules import promote as _promote
 from jaxinit._src.normalization import check_groups
 from jaxinit.linen import logical_context
 
-__all__ = ["BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm", "create_sharded"]
+__all__ = [
+    "BatchNorm",
+    "GroupNorm",
+    "InstanceNorm",
+    "LayerNorm",
+    "RMSNorm",
+    "SpectralNorm",
+    "WeightNorm",
+    "create_sharded",
+    "fold_batch_norm",
+]
 
 Dtype = Any
 Initializer = Any
 _ZEROS = initializers.zeros_init()
+_KERNELS = nnx.PathContains("kernel")
 _ONES = initializers.ones_init()
 
 
@@ -697,6 +710,324 @@ class InstanceNorm(_Norm):
             The normalised input, of ``x``'s shape.
         """
         return self._normalize(x, mask)
+
+
+# --------------------------------------------------------------------------- reparametrizations
+
+
+def _path_name(path: tuple[Any, ...]) -> str:
+    return "/".join(str(p) for p in path)
+
+
+def _call_with(layer: nnx.Module, transform: Callable[[tuple, Any], Any], *args, **kwargs) -> Any:
+    """Calls a copy of ``layer`` whose parameters are ``transform(path, param)``.
+
+    The copy is merged from ``layer``'s split state, so ``layer`` itself is never written to
+    (flax's nnx wrappers overwrite the wrapped parameters on every call, google/flax#5576), and
+    gradients flow through ``transform`` into ``layer``'s parameters.
+    """
+    graphdef, state = nnx.split(layer)
+    flat = [
+        (path, transform(path, var) if isinstance(var, nnx.Param) else var)
+        for path, var in nnx.to_flat_state(state)
+    ]
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))(*args, **kwargs)
+
+
+class WeightNorm(nnx.Module):
+    """Weight normalization of a wrapped nnx layer, a drop-in for ``flax.nnx.WeightNorm``.
+
+    Same constructor and call as flax's module; the arithmetic is :func:`jaxinit.weight_norm`.
+    Deliberate differences (google/flax#5576, #5577, #4138):
+
+    * The wrapped layer's parameters are never overwritten: the normalized weight exists only
+      inside the call (flax writes it back into the layer on every call).
+    * The scales are ``nnx.Param``, so they receive gradients (flax keeps plain arrays), in
+      ``self.scales`` keyed by the parameter's ``/``-joined path.
+    * The scale starts at the wrapped weight's norm, so the wrapped layer's output at
+      construction equals the unwrapped layer's; ``scale_init=nnx.initializers.ones`` gives
+      flax's start.
+
+    Args:
+        layer_instance: the wrapped module (e.g. ``nnx.Linear``).
+        feature_axes: the feature axes of each parameter (None: one norm for the whole array).
+        use_scale: learn a scale per feature.
+        scale_init: the scales' initializer; None (default) means the wrapped weight's norm.
+        epsilon: added to the sum of squares.
+        dtype: output dtype of the normalized parameters (default: promote them).
+        param_dtype: dtype of the scales.
+        variable_filter: which parameters to normalize (an nnx filter on path and variable).
+        promote_dtype: flax's dtype hook (kept for compatibility).
+        rngs: the ``nnx.Rngs`` for ``scale_init``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> import jaxinit.nnx as jnnx
+        >>> layer = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+        >>> x = jnp.ones((2, 3))
+        >>> y0 = layer(x)
+        >>> wn = jnnx.WeightNorm(layer, rngs=nnx.Rngs(1))
+        >>> bool(jnp.allclose(wn(x), y0, atol=1e-6)), bool(jnp.all(layer(x) == y0))
+        (True, True)
+    """
+
+    def __init__(
+        self,
+        layer_instance: nnx.Module,
+        *,
+        feature_axes: Any = -1,
+        use_scale: bool = True,
+        scale_init: Initializer | None = None,
+        epsilon: float = 1e-12,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        variable_filter: Any = _KERNELS,
+        promote_dtype: Callable[..., Any] = dtypes.promote_dtype,
+        rngs: nnx.Rngs,
+    ):
+        self.layer_instance = layer_instance
+        self.feature_axes = feature_axes
+        self.use_scale = use_scale
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.variable_filter = nnx.filterlib.to_predicate(variable_filter)
+        self.promote_dtype = promote_dtype
+        scales = {}
+        if use_scale:
+            for path, param in nnx.to_flat_state(nnx.state(layer_instance, nnx.Param)):
+                if not self.variable_filter(path, param):
+                    continue
+                value = param[...]
+                axes = self._axes(value)
+                shape = tuple(value.shape[a] for a in axes)
+                if scale_init is None:
+                    init = _reparam.weight_norm_scale(value, feature_axes=axes)
+                else:
+                    init = scale_init(rngs.params(), shape, param_dtype)
+                scales[_path_name(path)] = nnx.Param(jnp.asarray(init, param_dtype))
+        self.scales = nnx.data(scales)
+
+    def _axes(self, value: jax.Array) -> tuple[int, ...]:
+        if self.feature_axes is None:
+            return ()
+        return canonical_axes(value.ndim, self.feature_axes, "feature_axes", value.shape)
+
+    def _normalize(self, path: tuple, param: nnx.Param) -> nnx.Param:
+        if not self.variable_filter(path, param):
+            return param
+        value = param[...]
+        scale = self.scales[_path_name(path)][...] if self.use_scale else None
+        w = _reparam.weight_norm(value, scale, feature_axes=self._axes(value), epsilon=self.epsilon)
+        dtype = self.dtype or _promote(value.dtype, *(() if scale is None else (scale.dtype,)))
+        return param.replace(w.astype(dtype))
+
+    def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        """Calls the wrapped layer with its filtered parameters weight-normalized.
+
+        Args:
+            x: the wrapped layer's input.
+            *args: further positional arguments of the wrapped layer's call.
+            **kwargs: keyword arguments of the wrapped layer's call.
+
+        Returns:
+            The wrapped layer's output.
+        """
+        return _call_with(self.layer_instance, self._normalize, x, *args, **kwargs)
+
+
+class SpectralNorm(nnx.Module):
+    """Spectral normalization of a wrapped nnx layer, a drop-in for ``flax.nnx.SpectralNorm``.
+
+    Same constructor and call (``update_stats=``, ``.train()`` / ``.eval()``) as flax's module,
+    with ``u`` and ``sigma`` as ``nnx.BatchStat`` in ``self.batch_stats`` (keyed by the
+    parameter's ``/``-joined path plus ``/u`` and ``/sigma``); the arithmetic is
+    :func:`jaxinit.spectral_norm`. Deliberate differences:
+
+    * The wrapped layer's parameters are never overwritten (google/flax#5576): the normalized
+      weight exists only inside the call; only ``u`` and ``sigma`` are updated.
+    * ``u`` starts as a random unit vector refined by ``n_warmup`` power iterations on the
+      kernel (torch's registration).
+    * Eval (``update_stats=False``) runs no iteration and uses the stored ``u`` (torch's
+      deterministic eval); ``iterate_at_eval=True`` gives flax's behaviour.
+
+    Args:
+        layer_instance: the wrapped module.
+        n_steps: power iterations per training call.
+        epsilon: added under the square roots of the vector normalizations.
+        dtype: output dtype of the normalized parameters (default: promote them).
+        param_dtype: dtype of ``u`` and ``sigma``.
+        error_on_non_matrix: raise for parameters of rank > 2 instead of flattening them.
+        update_stats: the default mode (True: training).
+        rngs: the ``nnx.Rngs`` for the random start of ``u``.
+        n_warmup: power iterations at construction.
+        iterate_at_eval: flax's eval (iterate without storing) instead of torch's.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> import jaxinit.nnx as jnnx
+        >>> sn = jnnx.SpectralNorm(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1))
+        >>> y = sn(jnp.ones((2, 3)))  # training: one power iteration, u and sigma updated
+        >>> sorted(sn.batch_stats)
+        ['kernel/sigma', 'kernel/u']
+    """
+
+    def __init__(
+        self,
+        layer_instance: nnx.Module,
+        *,
+        n_steps: int = 1,
+        epsilon: float = 1e-12,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        error_on_non_matrix: bool = False,
+        update_stats: bool = True,
+        rngs: nnx.Rngs,
+        n_warmup: int = 15,
+        iterate_at_eval: bool = False,
+    ):
+        self.layer_instance = layer_instance
+        self.n_steps = n_steps
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.error_on_non_matrix = error_on_non_matrix
+        self.use_running_average = not update_stats
+        self.iterate_at_eval = iterate_at_eval
+        stats = {}
+        for path, param in nnx.to_flat_state(nnx.state(layer_instance, nnx.Param)):
+            value = self._matrix(param[...])
+            if value is None:
+                continue
+            state = _reparam.spectral_norm_state(rngs.params(), value, n_warmup=n_warmup)
+            stats[_path_name(path) + "/u"] = nnx.BatchStat(state.u.astype(param_dtype))
+            stats[_path_name(path) + "/sigma"] = nnx.BatchStat(state.sigma.astype(param_dtype))
+        self.batch_stats = nnx.data(stats)
+
+    def _matrix(self, value: jax.Array) -> jax.Array | None:
+        if value.ndim <= 1 or self.n_steps < 1:
+            return None
+        if value.ndim > 2 and self.error_on_non_matrix:
+            raise ValueError(
+                f"Layer instance parameter is {value.ndim}D but error_on_non_matrix is True"
+            )
+        return value
+
+    def __call__(self, x: Any, update_stats: bool | None = None) -> Any:
+        """Calls the wrapped layer with its parameters divided by their largest singular value.
+
+        Args:
+            x: the wrapped layer's input.
+            update_stats: overrides the mode for this call (True: iterate and store).
+
+        Returns:
+            The wrapped layer's output.
+
+        Raises:
+            ValueError: when neither the call nor the module sets the mode.
+        """
+        if update_stats is None:
+            if self.use_running_average is None:
+                raise ValueError(
+                    "No `update_stats` argument was provided to SpectralNorm as either a "
+                    "__call__ argument or __init__ argument."
+                )
+            update_stats = not self.use_running_average
+        updates = {}
+
+        def normalize(path: tuple, param: nnx.Param) -> nnx.Param:
+            value = param[...]
+            if self._matrix(value) is None:
+                return param
+            name = _path_name(path)
+            state = _reparam.SpectralNormState(
+                self.batch_stats[name + "/u"][...], self.batch_stats[name + "/sigma"][...]
+            )
+            w, new = _reparam.spectral_norm(
+                value,
+                state,
+                training=bool(update_stats) or self.iterate_at_eval,
+                n_steps=self.n_steps,
+                epsilon=self.epsilon,
+            )
+            updates[name] = new
+            return param.replace(w.astype(self.dtype or _promote(value.dtype, state.u.dtype)))
+
+        y = _call_with(self.layer_instance, normalize, x)
+        if update_stats:
+            for name, new in updates.items():
+                self.batch_stats[name + "/u"][...] = jax.lax.stop_gradient(new.u)
+                self.batch_stats[name + "/sigma"][...] = jax.lax.stop_gradient(new.sigma)
+        return y
+
+    def set_view(self, use_running_average: bool | None = None) -> None:
+        """Used by ``nnx.view`` / ``.train()`` / ``.eval()``: the mode, as batch norm's.
+
+        Args:
+            use_running_average: True for eval (no update), False for training.
+        """
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
+
+
+# --------------------------------------------------------------------------- folding
+
+
+def fold_batch_norm(layer: nnx.Module, bn: nnx.Module, *, epsilon: float | None = None) -> Any:
+    """A new layer equal, in eval mode, to ``layer`` followed by the batch norm ``bn``.
+
+    ``layer`` is an ``nnx.Linear``, ``nnx.Conv`` (grouped and depthwise included) or
+    ``nnx.ConvTranspose``, whose kernel has the output features last; ``bn`` is a
+    ``flax.nnx.BatchNorm`` or a ``jaxinit.nnx.BatchNorm`` over those features. The result is a copy
+    of ``layer`` with the folded kernel and a bias (``use_bias=True``), so ``bn`` can be dropped;
+    neither argument is modified.
+
+    Args:
+        layer: the layer before the batch norm.
+        bn: the batch norm.
+        epsilon: the batch norm's epsilon; default ``bn.epsilon``.
+
+    Returns:
+        The folded layer, of ``layer``'s type.
+
+    Raises:
+        TypeError: ``layer`` has no ``kernel``.
+        ValueError: the batch norm's feature size is not the layer's output size.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from flax import nnx
+        >>> import jaxinit.nnx as jnnx
+        >>> fc, bn = nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.BatchNorm(4, rngs=nnx.Rngs(0))
+        >>> bn.eval()
+        >>> x = jnp.ones((2, 3))
+        >>> bool(jnp.allclose(jnnx.fold_batch_norm(fc, bn)(x), bn(fc(x)), atol=1e-5))
+        True
+    """
+    if not hasattr(layer, "kernel"):
+        raise TypeError(
+            f"layer must have a kernel (nnx.Linear, nnx.Conv), got {type(layer).__name__}."
+        )
+
+    def value(v: Any) -> Any:
+        return None if v is None else v[...]
+
+    kernel, bias = _fold(
+        value(layer.kernel),
+        value(getattr(layer, "bias", None)),
+        value(getattr(bn, "scale", None)),
+        value(getattr(bn, "bias", None)),
+        value(bn.mean),
+        value(bn.var),
+        epsilon=bn.epsilon if epsilon is None else epsilon,
+    )
+    folded = nnx.clone(layer)
+    folded.kernel = nnx.Param(kernel)
+    folded.bias = nnx.Param(bias)
+    folded.use_bias = True
+    return folded
 
 
 # --------------------------------------------------------------------------- sharded init
