@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from jaxinit._src import torch_layers as layers
+from jaxinit._src import torch_reparam as reparam
 
 __all__ = ["flax_to_torch_state_dict", "torch_state_dict_to_flax"]
 
@@ -219,6 +220,7 @@ def torch_state_dict_to_flax(
     rename: Mapping[str, str] | None = None,
     kinds: Mapping[str, str] | None = None,
     keep_count: bool = False,
+    wrappers: Mapping[str, str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Converts a torch state dict (name -> array) to Flax ``{"params", "batch_stats"}``.
 
@@ -231,6 +233,15 @@ def torch_state_dict_to_flax(
     Linear or Conv) as ``"rms_norm"`` or ``"layer_norm"``. A module's Flax path is its prefix split at the dots
     (``"layer1.0.conv1"`` -> ``layer1/0/conv1``) unless ``rename`` gives a ``"/"``-separated one.
 
+    Weight-normalized and spectral-normalized layers (torch's ``parametrizations.weight_norm``
+    / ``spectral_norm`` tensors, or the older ``weight_g``/``weight_v`` and
+    ``weight_orig``/``weight_u``/``weight_v``) become the variables of ``jaxinit.linen.WeightNorm``
+    / ``SpectralNorm`` wrapping the layer: the layer keeps ``v`` (or the raw weight) as its
+    kernel, and a sibling wrapper module (``WeightNorm_0``, ``SpectralNorm_0``, ... in the order
+    met under each parent, or the name ``wrappers`` gives for the layer's prefix) holds
+    ``{layer}/kernel/scale`` (``g``), or ``{layer}/kernel/u`` and ``{layer}/kernel/sigma`` in
+    ``batch_stats``. jaxinit's eval then gives torch's eval output (for converged vectors).
+
     Flattening a conv feature map orders features (C, H, W) in torch and (H, W, C) in Flax: the
     rows of a Linear kernel after a flatten must be permuted by hand.
 
@@ -242,6 +253,8 @@ def torch_state_dict_to_flax(
             ``"embed"``. The norm kinds take a weight of any rank; ``"rms_norm"`` rejects a
             bias, as torch's RMSNorm has none.
         keep_count: keep batch-norm ``num_batches_tracked`` as ``batch_stats[...]["count"]``.
+        wrappers: optional map from a weight- or spectral-normalized layer's torch prefix to
+            the Flax name of its wrapper module.
 
     Returns:
         ``{"params": ..., "batch_stats": ...}`` nested dicts of numpy arrays (``batch_stats``
@@ -266,6 +279,7 @@ def torch_state_dict_to_flax(
     """
     rename, kinds = dict(rename or {}), dict(kinds or {})
     _check_kinds(kinds)
+    state_dict, wrapped = reparam.split_from_torch(state_dict)
     params: dict[str, Any] = {}
     stats: dict[str, Any] = {}
     for prefix, tensors in _group_by_module(state_dict).items():
@@ -277,6 +291,18 @@ def torch_state_dict_to_flax(
             _place(params, path, p)
         if s:
             _place(stats, path, s)
+    counts: dict[tuple, int] = {}
+    for prefix, item in wrapped.items():
+        path = _flax_path(prefix, rename)
+        cls, p, s = reparam.wrapper_leaves(item, path[-1])
+        name = (wrappers or {}).get(prefix)
+        if name is None:
+            counts[(path[:-1], cls)] = counts.get((path[:-1], cls), -1) + 1
+            name = f"{cls}_{counts[(path[:-1], cls)]}"
+        if p:
+            _place(params, (*path[:-1], name), p)
+        if s:
+            _place(stats, (*path[:-1], name), s)
     return {"params": params, "batch_stats": stats}
 
 
@@ -313,7 +339,9 @@ def flax_to_torch_state_dict(
     ``kernel`` of rank 3-5 a Conv weight, ``embedding`` an Embedding weight, a node with
     ``batch_stats`` a BatchNorm (``num_batches_tracked`` from ``count``, else 0) and ``scale``
     (and ``bias``) without statistics a LayerNorm/GroupNorm/RMSNorm ``weight`` (and ``bias``) of
-    the same shape, of any rank.
+    the same shape, of any rank. A layer wrapped by ``jaxinit.linen.WeightNorm`` /
+    ``SpectralNorm`` gets torch's ``parametrizations.weight.*`` tensors (``original0``/``original1``,
+    or ``original`` and ``0._u``/``0._v`` with ``v = normalize(W^T u)``).
 
     Args:
         variables: ``{"params": ..., "batch_stats": ...}`` (``batch_stats`` optional).
@@ -335,6 +363,7 @@ def flax_to_torch_state_dict(
     inverse = {v.strip("/"): k for k, v in (rename or {}).items()}
     params = _flax_modules(variables.get("params", {}))
     stats = _flax_modules(variables.get("batch_stats", {}))
+    wrapped = reparam.from_flax(params, stats)
     out: dict[str, np.ndarray] = {}
     for path in list(params) + [p for p in stats if p not in params]:
         p, s = params.get(path, {}), stats.get(path)
@@ -344,6 +373,9 @@ def flax_to_torch_state_dict(
         if unknown:
             raise ValueError(f"cannot convert Flax parameters {unknown} at {path_str!r} to torch")
         prefix = inverse.get(path_str, ".".join(path))
-        for name, value in kind.to_torch(p, s or {}).items():
+        tensors = kind.to_torch(p, s or {})
+        if path in wrapped:
+            tensors.update(reparam.to_torch(wrapped[path], tensors.pop("weight")))
+        for name, value in tensors.items():
             out[f"{prefix}.{name}" if prefix else name] = value
     return out
