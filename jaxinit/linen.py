@@ -515,6 +515,9 @@ def _wrapped_call(module: nn.Module, transform: Any, args: Any, kwargs: Any) -> 
         module.layer_instance(*args, **kwargs)
     return nn.map_variables(
         lambda layer: layer(*args, **kwargs),
+        # Only the parameters are seen through `transform`; other collections (a wrapped batch
+        # norm's statistics) keep the caller's mutability.
+        mapped_collections="params",
         trans_in_fn=lambda vs: jax.tree_util.tree_map_with_path(transform, vs),
         init=False,
     )(module.layer_instance)

@@ -715,10 +715,6 @@ class InstanceNorm(_Norm):
 # --------------------------------------------------------------------------- reparametrizations
 
 
-def _path_name(path: tuple[Any, ...]) -> str:
-    return "/".join(str(p) for p in path)
-
-
 def _call_with(layer: nnx.Module, transform: Callable[[tuple, Any], Any], *args, **kwargs) -> Any:
     """Calls a copy of ``layer`` whose parameters are ``transform(path, param)``.
 
@@ -742,8 +738,8 @@ class WeightNorm(nnx.Module):
 
     * The wrapped layer's parameters are never overwritten: the normalized weight exists only
       inside the call (flax writes it back into the layer on every call).
-    * The scales are ``nnx.Param``, so they receive gradients (flax keeps plain arrays), in
-      ``self.scales`` keyed by the parameter's ``/``-joined path.
+    * The scales are ``nnx.Param``, so they receive gradients (flax keeps plain arrays); as in
+      flax, ``self.scales`` is keyed by the parameter's path tuple (``("kernel",)``).
     * The scale starts at the wrapped weight's norm, so the wrapped layer's output at
       construction equals the unwrapped layer's; ``scale_init=nnx.initializers.ones`` gives
       flax's start.
@@ -806,7 +802,7 @@ class WeightNorm(nnx.Module):
                     init = _reparam.weight_norm_scale(value, feature_axes=axes)
                 else:
                     init = scale_init(rngs.params(), shape, param_dtype)
-                scales[_path_name(path)] = nnx.Param(jnp.asarray(init, param_dtype))
+                scales[path] = nnx.Param(jnp.asarray(init, param_dtype))
         self.scales = nnx.data(scales)
 
     def _axes(self, value: jax.Array) -> tuple[int, ...]:
@@ -818,7 +814,7 @@ class WeightNorm(nnx.Module):
         if not self.variable_filter(path, param):
             return param
         value = param[...]
-        scale = self.scales[_path_name(path)][...] if self.use_scale else None
+        scale = self.scales[path][...] if self.use_scale else None
         w = _reparam.weight_norm(value, scale, feature_axes=self._axes(value), epsilon=self.epsilon)
         dtype = self.dtype or _promote(value.dtype, *(() if scale is None else (scale.dtype,)))
         return param.replace(w.astype(dtype))
@@ -841,8 +837,8 @@ class SpectralNorm(nnx.Module):
     """Spectral normalization of a wrapped nnx layer, a drop-in for ``flax.nnx.SpectralNorm``.
 
     Same constructor and call (``update_stats=``, ``.train()`` / ``.eval()``) as flax's module,
-    with ``u`` and ``sigma`` as ``nnx.BatchStat`` in ``self.batch_stats`` (keyed by the
-    parameter's ``/``-joined path plus ``/u`` and ``/sigma``); the arithmetic is
+    with ``u`` and ``sigma`` as ``nnx.BatchStat`` in ``self.batch_stats``, keyed as in flax by
+    the parameter's path tuple plus ``"u"`` / ``"sigma"``; the arithmetic is
     :func:`jaxinit.spectral_norm`. Deliberate differences:
 
     * The wrapped layer's parameters are never overwritten (google/flax#5576): the normalized
@@ -871,7 +867,7 @@ class SpectralNorm(nnx.Module):
         >>> sn = jnnx.SpectralNorm(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1))
         >>> y = sn(jnp.ones((2, 3)))  # training: one power iteration, u and sigma updated
         >>> sorted(sn.batch_stats)
-        ['kernel/sigma', 'kernel/u']
+        [('kernel', 'sigma'), ('kernel', 'u')]
     """
 
     def __init__(
@@ -902,8 +898,8 @@ class SpectralNorm(nnx.Module):
             if value is None:
                 continue
             state = _reparam.spectral_norm_state(rngs.params(), value, n_warmup=n_warmup)
-            stats[_path_name(path) + "/u"] = nnx.BatchStat(state.u.astype(param_dtype))
-            stats[_path_name(path) + "/sigma"] = nnx.BatchStat(state.sigma.astype(param_dtype))
+            stats[(*path, "u")] = nnx.BatchStat(state.u.astype(param_dtype))
+            stats[(*path, "sigma")] = nnx.BatchStat(state.sigma.astype(param_dtype))
         self.batch_stats = nnx.data(stats)
 
     def _matrix(self, value: jax.Array) -> jax.Array | None:
@@ -941,9 +937,8 @@ class SpectralNorm(nnx.Module):
             value = param[...]
             if self._matrix(value) is None:
                 return param
-            name = _path_name(path)
             state = _reparam.SpectralNormState(
-                self.batch_stats[name + "/u"][...], self.batch_stats[name + "/sigma"][...]
+                self.batch_stats[(*path, "u")][...], self.batch_stats[(*path, "sigma")][...]
             )
             w, new = _reparam.spectral_norm(
                 value,
@@ -952,14 +947,14 @@ class SpectralNorm(nnx.Module):
                 n_steps=self.n_steps,
                 epsilon=self.epsilon,
             )
-            updates[name] = new
+            updates[path] = new
             return param.replace(w.astype(self.dtype or _promote(value.dtype, state.u.dtype)))
 
         y = _call_with(self.layer_instance, normalize, x)
         if update_stats:
-            for name, new in updates.items():
-                self.batch_stats[name + "/u"][...] = jax.lax.stop_gradient(new.u)
-                self.batch_stats[name + "/sigma"][...] = jax.lax.stop_gradient(new.sigma)
+            for path, new in updates.items():
+                self.batch_stats[(*path, "u")][...] = jax.lax.stop_gradient(new.u)
+                self.batch_stats[(*path, "sigma")][...] = jax.lax.stop_gradient(new.sigma)
         return y
 
     def set_view(self, use_running_average: bool | None = None) -> None:

@@ -137,14 +137,14 @@ def test_nnx_wrappers_never_write_the_layer_and_scales_get_gradients():
     np.testing.assert_array_equal(layer.kernel[...], kernel)  # google/flax#5576
     np.testing.assert_array_equal(sn.layer_instance.kernel[...], kernel)
     np.testing.assert_allclose(y_wn, y0, rtol=1e-5, atol=1e-6)  # google/flax#4138
-    u = f64(sn.batch_stats["kernel/u"][...])
+    u = f64(sn.batch_stats[("kernel", "u")][...])
     want = f64(X) @ (f64(kernel) / np.linalg.norm(f64(kernel) @ u.T)) + f64(layer.bias[...])
     np.testing.assert_allclose(y_eval, want, rtol=1e-5, atol=1e-5)
 
     # google/flax#5577: the scales are nnx.Param and receive gradients.
-    assert isinstance(wn.scales["kernel"], nnx.Param)
+    assert isinstance(wn.scales[("kernel",)], nnx.Param)
     grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(wn)
-    g_scale = grads["scales"]["kernel"][...]
+    g_scale = grads["scales"][("kernel",)][...]
     assert g_scale.shape == (5,) and np.abs(np.asarray(g_scale)).max() > 0
     g_kernel = np.asarray(grads["layer_instance"]["kernel"][...])
     # The gradient with respect to v is orthogonal to v per output unit.
@@ -156,10 +156,28 @@ def test_nnx_spectral_norm_normalizes_the_top_singular_value():
     sn = jnnx.SpectralNorm(nnx.Linear(16, 8, rngs=nnx.Rngs(0)), n_steps=50, rngs=nnx.Rngs(1))
     sn(jnp.ones((1, 16)))
     w = np.asarray(sn.layer_instance.kernel[...])
-    sigma = float(sn.batch_stats["kernel/sigma"][...])
+    sigma = float(sn.batch_stats[("kernel", "sigma")][...])
     np.testing.assert_allclose(sigma, np.linalg.svd(f64(w), compute_uv=False)[0], rtol=1e-4)
     state = ji.SpectralNormState(
-        sn.batch_stats["kernel/u"][...], sn.batch_stats["kernel/sigma"][...]
+        sn.batch_stats[("kernel", "u")][...], sn.batch_stats[("kernel", "sigma")][...]
     )
     normalized, _ = ji.spectral_norm(w, state, training=False)
     np.testing.assert_allclose(np.linalg.svd(f64(normalized), compute_uv=False)[0], 1.0, rtol=1e-4)
+
+
+def test_linen_wrapped_batch_norm_still_updates_its_statistics():
+    # Only the parameters are mapped: a batch norm inside the wrapped layer keeps the caller's
+    # mutable batch_stats (as in flax's SpectralNorm).
+    class M(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            seq = nn.Sequential([nn.Dense(4), nn.BatchNorm(use_running_average=False)])
+            return jil.SpectralNorm(seq)(x, update_stats=True)
+
+    x = jax.device_put(draws(5, (10, 5), loc=2.0))
+    v = M().init(jax.random.key(1), x)
+    _, upd = jax.jit(lambda v, x: M().apply(v, x, mutable=["batch_stats"]))(v, x)
+    old = v["batch_stats"]["BatchNorm_0"]["mean"]
+    new = upd["batch_stats"]["BatchNorm_0"]["mean"]
+    assert np.abs(np.asarray(new) - np.asarray(old)).max() > 1e-3
+    np.testing.assert_array_equal(upd["params"] if "params" in upd else v["params"], v["params"])

@@ -13,6 +13,7 @@ unit.
 
 from __future__ import annotations
 
+import functools
 import numbers
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -229,6 +230,12 @@ def spectral_norm_state(
     kernel = _float_kernel(kernel, "kernel")
     n_warmup = _check_steps(n_warmup, "n_warmup")
     w = _as_matrix(kernel, feature_axes, "spectral_norm_state").astype(stat_dtype(kernel.dtype))
+    return _warm_start(key, w, n_warmup)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _warm_start(key: jax.Array, w: jax.Array, n_warmup: int) -> SpectralNormState:
+    """The random unit start and its warm-up, compiled once per shape when called eagerly."""
     u = _l2_normalize(jax.random.normal(key, (1, w.shape[1]), w.dtype), 0.0)
     u, v = _power_iterations(w, u, n_warmup, 1e-12)
     if n_warmup == 0:
@@ -285,16 +292,26 @@ def spectral_norm(
     n_steps = _check_steps(n_steps, "n_steps")
     _check_epsilon(epsilon)
     w = _as_matrix(kernel, feature_axes, "spectral_norm")
-    dtype = stat_dtype(kernel.dtype)
     if tuple(state.u.shape) != (1, w.shape[1]):
         raise ValueError(
             f"state.u has shape {tuple(state.u.shape)}; expected {(1, w.shape[1])} for a kernel "
             f"of shape {kernel.shape} with feature_axes={feature_axes!r}."
         )
+    out, u, sigma = _divided(kernel, w, state.u, training and n_steps > 0, n_steps, epsilon)
+    if not training:
+        return out, state
+    sigma_dtype = jnp.asarray(state.sigma).dtype
+    return out, SpectralNormState(u.astype(state.u.dtype), sigma.astype(sigma_dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _divided(kernel, w, u, iterate: bool, n_steps: int, epsilon: float):
+    """``kernel / sigma`` and the new ``u``, ``sigma``: one program per shape and setting."""
+    dtype = stat_dtype(kernel.dtype)
     wf = w.astype(dtype)
-    u = lax.stop_gradient(state.u.astype(dtype))
+    u = lax.stop_gradient(u.astype(dtype))
     w_const = lax.stop_gradient(wf)
-    if training and n_steps > 0:
+    if iterate:
         u, v = _power_iterations(w_const, u, n_steps, epsilon)
     else:
         v = _l2_normalize(u @ w_const.T, epsilon)
@@ -302,9 +319,4 @@ def spectral_norm(
     sigma = (v @ wf @ u.T)[0, 0]
     safe = jnp.where(sigma != 0, sigma, 1.0)
     out = (kernel.astype(dtype) / safe).astype(kernel.dtype)
-    if not training:
-        return out, state
-    new = SpectralNormState(
-        u.astype(state.u.dtype), lax.stop_gradient(sigma).astype(jnp.asarray(state.sigma).dtype)
-    )
-    return out, new
+    return out, u, lax.stop_gradient(sigma)
