@@ -56,7 +56,11 @@ class Cluster:
         self._tmp = tempfile.TemporaryDirectory()
         self.out_dir = self._tmp.name
         env = dict(os.environ)
-        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"  # not the parent's 8
+        # 4 devices each (not the parent's 8), compiled as the parent is (see conftest.py).
+        env["XLA_FLAGS"] = (
+            "--xla_force_host_platform_device_count=4 --xla_cpu_use_fusion_emitters=false "
+            f"--xla_backend_optimization_level={os.environ.get('JAXINIT_TEST_OPT_LEVEL', '0')}"
+        )
         env["JAX_PLATFORMS"] = "cpu"
         env.pop("JAX_NUM_CPU_DEVICES", None)
         port = _free_port()

@@ -8,6 +8,7 @@ Network Training by Reducing Internal Covariate Shift", 2015.
 
 from __future__ import annotations
 
+import functools
 import numbers
 from collections.abc import Hashable, Sequence
 from typing import Any, NamedTuple
@@ -109,6 +110,7 @@ def _check_momentum(momentum: Any) -> None:
             )
 
 
+@functools.partial(jax.jit, static_argnames=("unbiased_running_var", "nan_guard", "debias"))
 def _update(
     state: BatchNormState,
     count: jax.Array,
@@ -207,6 +209,23 @@ def update_running_stats(
 
 
 # --------------------------------------------------------------------------- public function
+
+
+@functools.partial(jax.jit, static_argnums=6)
+def _eval_mode(x, mean, var, scale, bias, epsilon, reduce_axes):
+    """Normalization with the running statistics (one program per shape, called eagerly)."""
+
+    def broadcastable(v: jax.Array, dtype: Any) -> jax.Array:
+        return jnp.expand_dims(v.astype(dtype), reduce_axes)
+
+    sdt = mean.dtype if jnp.dtype(mean.dtype).itemsize >= 4 else _F32
+    mul = lax.rsqrt(var.astype(sdt) + jnp.asarray(epsilon, sdt))
+    if scale is not None:
+        mul = mul * scale.astype(sdt)
+    y = (x.astype(sdt) - broadcastable(mean, sdt)) * broadcastable(mul, sdt)
+    if bias is not None:
+        y = y + broadcastable(bias, sdt)
+    return y.astype(x.dtype)
 
 
 def batch_norm(
@@ -324,18 +343,8 @@ def batch_norm(
         bias = core.check_param(bias, "bias", feature_shape, what)
     m = prepare_mask(mask, x.shape)
 
-    def broadcastable(v: jax.Array | None, dtype: Any) -> jax.Array | None:
-        return None if v is None else jnp.expand_dims(v.astype(dtype), reduce_axes)
-
     if not training:
-        sdt = state.mean.dtype if jnp.dtype(state.mean.dtype).itemsize >= 4 else _F32
-        one = jnp.ones((), sdt)
-        mul = lax.rsqrt(state.var.astype(sdt) + jnp.asarray(epsilon, sdt))
-        mul = mul * (one if scale is None else scale.astype(sdt))
-        y = (x.astype(sdt) - broadcastable(state.mean, sdt)) * broadcastable(mul, sdt)
-        if bias is not None:
-            y = y + broadcastable(bias, sdt)
-        return y.astype(x.dtype), state
+        return _eval_mode(x, state.mean, state.var, scale, bias, epsilon, reduce_axes), state
 
     plan = core.plan(
         reduce_axes,
