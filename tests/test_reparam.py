@@ -216,6 +216,20 @@ K = np.ones((4, 3), np.float32)
             id="wn_scale",
         ),
         pytest.param(
+            lambda: ji.weight_norm(K, epsilon=-1.0),
+            ValueError,
+            r"epsilon must be non-negative, got -1.0",
+            id="wn_epsilon",
+        ),
+        pytest.param(
+            lambda: ji.fold_batch_norm(
+                K.astype(np.int32), None, None, None, np.zeros(3), np.ones(3)
+            ),
+            TypeError,
+            r"kernel must have a real floating dtype.*got int32",
+            id="fold_int_kernel",
+        ),
+        pytest.param(
             lambda: ji.spectral_norm_state(jax.random.key(0), np.ones(3, np.float32)),
             ValueError,
             r"kernel must have at least 2 dimensions.*shape \(3,\)",

@@ -15,6 +15,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxinit._src.moments import check_float_input
+from jaxinit._src.normalize import check_epsilon
+
 __all__ = ["fold_batch_norm", "fold_batch_norms"]
 
 
@@ -72,10 +75,8 @@ def fold_batch_norm(
         [0.5 0.5 0.5] [-0.5 -1.  -1.5]
     """
     kernel = jnp.asarray(kernel)
-    if not jnp.issubdtype(kernel.dtype, jnp.floating):
-        raise TypeError(f"kernel must have a real floating dtype, got {kernel.dtype}.")
-    if not float(epsilon) >= 0:
-        raise ValueError(f"epsilon must be non-negative, got {epsilon!r}.")
+    check_float_input(kernel, "kernel")
+    check_epsilon(epsilon)
     if kernel.ndim < 1:
         raise ValueError(f"kernel must have an output-feature axis, got shape {kernel.shape}.")
     n = kernel.shape[-1]

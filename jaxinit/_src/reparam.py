@@ -14,7 +14,6 @@ unit.
 from __future__ import annotations
 
 import functools
-import numbers
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -23,7 +22,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxinit._src.axes import canonical_axes
-from jaxinit._src.moments import stat_dtype
+from jaxinit._src.moments import check_float_input, stat_dtype
+from jaxinit._src.normalize import check_epsilon, check_param
 
 __all__ = [
     "SpectralNormState",
@@ -38,14 +38,8 @@ Axes = int | Sequence[int]
 
 def _float_kernel(kernel: Any, name: str) -> jax.Array:
     kernel = jnp.asarray(kernel)
-    if not jnp.issubdtype(kernel.dtype, jnp.floating):
-        raise TypeError(f"{name} must have a real floating dtype, got {kernel.dtype}.")
+    check_float_input(kernel, name)
     return kernel
-
-
-def _check_epsilon(epsilon: Any) -> None:
-    if isinstance(epsilon, numbers.Real) and not epsilon >= 0:
-        raise ValueError(f"epsilon must be non-negative, got {epsilon!r}.")
 
 
 def _norm_axes(v: jax.Array, feature_axes: Axes) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -89,20 +83,14 @@ def weight_norm(
          [8. 1.]]
     """
     v = _float_kernel(v, "v")
-    _check_epsilon(epsilon)
+    check_epsilon(epsilon)
     feat, other = _norm_axes(v, feature_axes)
     dtype = stat_dtype(v.dtype)
     vf = v.astype(dtype)
     w = vf * lax.rsqrt(jnp.sum(vf * vf, axis=other, keepdims=True) + jnp.asarray(epsilon, dtype))
     if scale is not None:
-        scale = jnp.asarray(scale)
         want = tuple(v.shape[a] for a in feat)
-        if not jnp.issubdtype(scale.dtype, jnp.floating):
-            raise TypeError(f"scale must have a floating dtype, got {scale.dtype}.")
-        if scale.shape != want:
-            raise ValueError(
-                f"scale has shape {scale.shape}; expected {want} (v's sizes along feature_axes)."
-            )
+        scale = check_param(scale, "scale", want, "v's sizes along feature_axes")
         w = w * jnp.expand_dims(scale.astype(dtype), other)
     return w.astype(v.dtype)
 
@@ -290,7 +278,7 @@ def spectral_norm(
         raise TypeError(f"training must be a Python bool, got {training!r}.")
     kernel = _float_kernel(kernel, "kernel")
     n_steps = _check_steps(n_steps, "n_steps")
-    _check_epsilon(epsilon)
+    check_epsilon(epsilon)
     w = _as_matrix(kernel, feature_axes, "spectral_norm")
     if tuple(state.u.shape) != (1, w.shape[1]):
         raise ValueError(
