@@ -33,21 +33,33 @@ from jaxinit._src.initializers import (
     zeros,
 )
 
-# --- batch norm ---
+# --- fans for einsum kernels, depth-aware residual scaling ---
 # isort: split
-# --- torch porting ---
+from jaxinit._src.einsum import dense_general_kernel_init, einsum_axes
+from jaxinit._src.residual import (
+    DeepNetScales,
+    deepnet_scales,
+    fixup_scale,
+    gpt2_residual_scale,
+    scaled,
+    small_init,
+    wang_init,
+)
+
+# --- muP ---
+# isort: split
+from jaxinit._src.mup import MupInfo, mup_infos, mup_init, mup_lr_scale
+
+# --- normalization: batch, layer, RMS, group, instance; weight and spectral norm; folding ---
+# isort: split
 from jaxinit._src.batch_norm import (
     BatchNormState,
     batch_norm,
     batch_norm_state,
     update_running_stats,
 )
-
-# --- weight and spectral normalization, batch-norm folding ---
 from jaxinit._src.folding import fold_batch_norm, fold_batch_norms
 from jaxinit._src.moments import Moments, all_reduce_moments, batch_moments, merge_moments
-
-# --- layer, RMS, group and instance norm ---
 from jaxinit._src.normalization import group_norm, instance_norm, layer_norm, rms_norm
 from jaxinit._src.reparam import (
     SpectralNormState,
@@ -57,8 +69,10 @@ from jaxinit._src.reparam import (
     weight_norm_scale,
 )
 
-# --- diagnostics and LSUV ---
+# --- diagnostics, LSUV, the depth experiment and the coordinate check ---
+# isort: split
 from jaxinit.diagnostics import (
+    CoordCheckReport,
     DepthReport,
     DepthRow,
     Diagnostics,
@@ -68,11 +82,13 @@ from jaxinit.diagnostics import (
     PropagationResult,
     UpdateRatios,
     assert_stable,
+    coord_check,
     depth_report,
     diagnose,
     layer_outputs,
     lsuv,
     plot_activations,
+    plot_coord_check,
     plot_depth,
     plot_gradients,
     plot_histograms,
@@ -80,6 +96,9 @@ from jaxinit.diagnostics import (
     propagation,
     update_ratios,
 )
+
+# --- torch porting ---
+# isort: split
 from jaxinit.porting import (
     flax_to_torch_state_dict,
     torch_batch_norm_kwargs,
@@ -122,6 +141,24 @@ __all__ = [
     "xavier_normal",
     "xavier_uniform",
     "zeros",
+    # fans for einsum kernels, depth-aware residual scaling
+    "DeepNetScales",
+    "deepnet_scales",
+    "dense_general_kernel_init",
+    "einsum_axes",
+    "fixup_scale",
+    "gpt2_residual_scale",
+    "scaled",
+    "small_init",
+    "wang_init",
+    # muP and the coordinate check
+    "CoordCheckReport",
+    "MupInfo",
+    "coord_check",
+    "mup_infos",
+    "mup_init",
+    "mup_lr_scale",
+    "plot_coord_check",
     # batch norm
     "BatchNormState",
     "Moments",

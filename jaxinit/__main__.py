@@ -1,7 +1,9 @@
-"""``python -m jaxinit``: the depth experiment, printed as a table.
+"""``python -m jaxinit``: the depth experiment; ``python -m jaxinit coord-check``: the muP check.
 
-Runs :func:`jaxinit.depth_report` and prints, for every activation, init and batch-norm setting,
-the activation std at a few depths, the saturated fraction (bounded activations) and a verdict.
+The depth experiment runs :func:`jaxinit.depth_report` and prints, for every activation, init and
+batch-norm setting, the activation std at a few depths, the saturated fraction (bounded
+activations) and a verdict. ``coord-check`` runs :func:`jaxinit.coord_check` and prints every
+layer's log-log slope of output size against width, under SP and under muP, with verdicts.
 """
 
 from __future__ import annotations
@@ -12,6 +14,12 @@ import sys
 import time
 from collections.abc import Sequence
 
+from jaxinit.diagnostics.coord_check import (
+    COORD_MODELS,
+    FLAT_SLOPE,
+    coord_check,
+    plot_coord_check,
+)
 from jaxinit.diagnostics.depth import (
     DEPTH_ACTIVATIONS,
     DEPTH_INITS,
@@ -38,6 +46,22 @@ verdicts (r = activation std at the last layer / std at layer 1):
   holds      otherwise
 
 example: python -m jaxinit --depth 20 --activations relu,tanh --plot depth.png
+
+the muP coordinate check: python -m jaxinit coord-check --help
+"""
+
+_COORD_EPILOG = f"""\
+each row is one layer under SP (the standard parametrization: variance 1/fan_in, one learning
+rate) or muP (ji.mup_init and ji.mup_lr_scale, base width = the first width). slope@t is the
+log-log slope of the layer's mean |output| against width after t Adam steps; w=... columns are
+the sizes after the last step.
+
+verdicts (mean slope over steps 1..steps):
+  flat     within +-{FLAT_SLOPE:g}: the layer's size does not depend on width (muP's promise)
+  grows    above {FLAT_SLOPE:g} (SP's hidden and output layers under Adam)
+  shrinks  below -{FLAT_SLOPE:g}
+
+example: python -m jaxinit coord-check --widths 64,256,1024 --steps 3 --plot coord.png
 """
 
 
@@ -111,8 +135,96 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(w) for w in text.split(",") if w.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if len(widths) < 2 or min(widths) < 1 or list(widths) != sorted(set(widths)):
+        raise argparse.ArgumentTypeError(
+            f"expected at least two increasing positive widths, got {text!r}"
+        )
+    return widths
+
+
+def build_coord_parser() -> argparse.ArgumentParser:
+    """The command line parser of ``python -m jaxinit coord-check``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxinit coord-check",
+        description=(
+            "The muP coordinate check: train a model for a few Adam steps at several widths, "
+            "under SP and under muP, and see whether each layer's output size depends on width."
+        ),
+        epilog=_COORD_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--widths",
+        type=_widths,
+        default=(64, 128, 256, 512, 1024),
+        help="comma-separated, increasing; the first is the base (default 64,128,256,512,1024)",
+    )
+    parser.add_argument("--steps", type=_positive, default=5, help="Adam steps (default 5)")
+    parser.add_argument("--model", choices=COORD_MODELS, default="mlp", help="(default mlp)")
+    parser.add_argument(
+        "--learning-rate", type=float, default=1e-2, help="Adam's learning rate (1e-2)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="PRNG seed for data and weights (0)")
+    parser.add_argument("--plot", metavar="FILE.png", help="write the size-by-width curves here")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    return parser
+
+
+def coord_main(argv: Sequence[str]) -> int:
+    """Runs ``python -m jaxinit coord-check``; returns the exit status.
+
+    Args:
+        argv: the arguments after ``coord-check``.
+
+    Returns:
+        0 on success (argparse exits with 2 on bad arguments).
+
+    Example:
+        >>> from jaxinit.__main__ import main
+        >>> main(["coord-check", "--widths", "32,64", "--steps", "1", "--quiet"])  # doctest: +ELLIPSIS
+        param  layer ...
+        SP     input ...
+        0
+    """
+    parser = build_coord_parser()
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+
+    def progress(line: str) -> None:
+        print(f"{time.perf_counter() - start:6.1f}s  {line}", file=sys.stderr, flush=True)
+
+    if not args.quiet:
+        progress(f"model {args.model}, widths {args.widths}, {args.steps} Adam steps, SP and muP")
+    try:
+        report = coord_check(
+            widths=args.widths,
+            steps=args.steps,
+            model=args.model,
+            learning_rate=args.learning_rate,
+            seed=args.seed,
+            progress=None if args.quiet else progress,
+        )
+    except ValueError as err:
+        parser.error(str(err))
+    print(report.table(), flush=True)
+    if args.plot:
+        plot_coord_check(report, args.plot)
+        if not args.quiet:
+            progress(f"wrote {args.plot}")
+    if not args.quiet:
+        progress(f"done in {report.seconds:.1f} s")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the depth experiment from the command line; returns the exit status.
+    """Runs the depth experiment (or, after ``coord-check``, the muP check); returns the status.
 
     Args:
         argv: arguments without the program name; ``sys.argv[1:]`` if None.
@@ -128,6 +240,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         relu        kaiming(gain=1.41) ...
         0
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["coord-check"]:
+        return coord_main(argv[1:])
     args = build_parser().parse_args(argv)
     if not 0.0 < args.saturation < 1.0:
         build_parser().error(f"--saturation must be in (0, 1); got {args.saturation}")

@@ -4,6 +4,7 @@ Only ``flax_models`` imports flax, and only ``plotting.pyplot`` imports matplotl
 that need them import them when called, so importing this package loads neither.
 """
 
+from jaxinit.diagnostics.coord_check import CoordCheckReport, coord_check, plot_coord_check
 from jaxinit.diagnostics.depth import DepthReport, DepthRow, depth_report, plot_depth
 from jaxinit.diagnostics.lsuv import LsuvReport, lsuv
 from jaxinit.diagnostics.plots import (
@@ -40,4 +41,8 @@ __all__ = [
     "DepthRow",
     "depth_report",
     "plot_depth",
+    # the muP coordinate check
+    "CoordCheckReport",
+    "coord_check",
+    "plot_coord_check",
 ]

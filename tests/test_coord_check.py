@@ -1,0 +1,104 @@
+"""The muP coordinate check: flat under muP, growing under SP; its CLI and plot."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import jaxinit as ji
+from jaxinit.__main__ import main
+from jaxinit.diagnostics.coord_check import FLAT_SLOPE
+
+WIDTHS = (64, 128, 256)
+
+
+@pytest.fixture(scope="module")
+def report():
+    # lr 0.02: at these small widths Adam's coherent updates (about lr * width per unit) already
+    # dominate SP's init after one step, which the default 1e-2 needs widths up to 1024 for.
+    return ji.coord_check(widths=WIDTHS, steps=2, learning_rate=0.02, seed=0)
+
+
+def test_mup_is_flat_and_sp_grows(report):
+    assert report.layers == ("input", "hidden_1", "hidden_2", "output")
+    for layer in report.layers:
+        assert len(report.slopes["mup"][layer]) == report.steps + 1
+        assert report.sizes["mup"][layer].shape == (report.steps + 1, len(WIDTHS))
+        for t in range(1, report.steps + 1):
+            assert abs(report.slopes["mup"][layer][t]) < FLAT_SLOPE, (layer, t)
+        assert report.verdicts["mup"][layer] == "flat"
+    # SP: the input layer's fan_in is fixed, so it stays flat; every layer after it grows.
+    assert report.verdicts["sp"]["input"] == "flat"
+    for layer in ("hidden_1", "hidden_2", "output"):
+        assert min(report.slopes["sp"][layer][1:]) > 2 * FLAT_SLOPE, layer
+        assert report.verdicts["sp"][layer] == "grows"
+
+
+def test_the_base_width_is_one_model_and_slopes_are_least_squares(report):
+    # At the base width muP is SP: the same draws and the same learning rates.
+    for layer in report.layers:
+        np.testing.assert_array_equal(
+            report.sizes["sp"][layer][:, 0], report.sizes["mup"][layer][:, 0]
+        )
+    # The muP readout starts at variance 1/(fan_in * mult): its size at init falls as
+    # mult^(-1/2) (the hidden activations feeding it are width-independent).
+    assert abs(report.slopes["mup"]["output"][0] + 0.5) < 0.35
+    sizes = report.sizes["sp"]["hidden_1"][1]
+    x, y = np.log(WIDTHS), np.log(sizes)
+    slope = np.sum((x - x.mean()) * (y - y.mean())) / np.sum((x - x.mean()) ** 2)
+    assert math.isclose(report.slopes["sp"]["hidden_1"][1], slope, rel_tol=1e-9)
+    table = report.table()
+    assert table.splitlines()[0].split()[:3] == ["param", "layer", "slope@0"]
+    assert "muP    hidden_1" in table and table.count("grows") == 3
+
+
+def test_cli_transformer(capsys):
+    argv = ["coord-check", "--model", "transformer", "--widths", "16,32", "--steps", "1"]
+    assert main([*argv, "--quiet"]) == 0
+    captured = capsys.readouterr()
+    layers = ["embed", "attn_0", "mlp_0", "attn_1", "mlp_1", "logits"]
+    assert [line.split()[1] for line in captured.out.splitlines()[1:]] == layers * 2
+    assert captured.err == ""
+
+
+def test_cli_prints_the_table_and_plots(tmp_path, capsys):
+    png = tmp_path / "coord.png"
+    assert main(["coord-check", "--widths", "32,64", "--steps", "1", "--plot", str(png)]) == 0
+    captured = capsys.readouterr()
+    rows = [line.split() for line in captured.out.splitlines()[1:]]
+    assert [(r[0], r[1]) for r in rows] == [
+        (p, layer) for p in ("SP", "muP") for layer in ("input", "hidden_1", "hidden_2", "output")
+    ]
+    assert all(r[-1] in ("flat", "grows", "shrinks") for r in rows)
+    assert "width 32: done" in captured.err and f"wrote {png}" in captured.err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--widths", "64,32"], "increasing"),
+        (["--widths", "64"], "at least two"),
+        (["--model", "resnet"], "invalid choice"),
+        (["--model", "transformer", "--widths", "24,48"], "divisible by its head size 16"),
+        (["--steps", "0"], "positive integer"),
+    ],
+)
+def test_cli_rejects_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["coord-check", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_coord_check_errors():
+    with pytest.raises(ValueError, match="unknown model 'cnn'"):
+        ji.coord_check(model="cnn")
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
+        ji.coord_check(steps=0)
+    with pytest.raises(ValueError, match="learning_rate must be finite and > 0"):
+        ji.coord_check(learning_rate=float("nan"))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        ji.coord_check(widths=(128, 64))
