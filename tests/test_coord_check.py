@@ -63,16 +63,20 @@ def test_cli_transformer(capsys):
     assert captured.err == ""
 
 
-def test_cli_prints_the_table_and_plots(tmp_path, capsys):
+def test_cli_prints_the_table_and_plots(report, tmp_path, capsys):
     png = tmp_path / "coord.png"
-    assert main(["coord-check", "--widths", "32,64", "--steps", "1", "--plot", str(png)]) == 0
+    # The fixture's run: its compiled programs serve this one.
+    argv = ["coord-check", "--widths", "64,128,256", "--steps", "2", "--learning-rate", "0.02"]
+    assert main([*argv, "--plot", str(png)]) == 0
     captured = capsys.readouterr()
     rows = [line.split() for line in captured.out.splitlines()[1:]]
     assert [(r[0], r[1]) for r in rows] == [
         (p, layer) for p in ("SP", "muP") for layer in ("input", "hidden_1", "hidden_2", "output")
     ]
-    assert all(r[-1] in ("flat", "grows", "shrinks") for r in rows)
-    assert "width 32: done" in captured.err and f"wrote {png}" in captured.err
+    assert [r[-1] for r in rows] == [
+        report.verdicts[p][layer] for p in ("sp", "mup") for layer in report.layers
+    ]
+    assert "width 64: done" in captured.err and f"wrote {png}" in captured.err
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -289,7 +289,7 @@ def mup_infos(
 
     Multi-head and expert kernels need their axes: ``overrides`` maps a parameter path ("a/b/c",
     the keys joined by "/"; nnx's trailing ``.value`` dropped) or an ``fnmatch`` pattern of paths
-    ("*/query/kernel") to ``dict(in_axis=..., out_axis=..., batch_axis=...)``, which is what
+    (``"*/query/kernel"``) to ``dict(in_axis=..., out_axis=..., batch_axis=...)``, which is what
     :func:`jaxinit.einsum_axes` returns. An exact path wins over patterns. For an embedding table
     ``(vocab, width)`` (one-hot inputs, so fan_in 1) pass ``dict(batch_axis=0, out_axis=1)``; for
     a bias or scale of rank 2 or more (an attention bias ``(heads, head_dim)``) pass

@@ -101,7 +101,7 @@ def layer_norm(
     ``nn.LayerNorm(epsilon=e, reduction_axes=r, feature_axes=f, use_fast_variance=False)`` is
     ``layer_norm(x, scale, bias, epsilon=e, reduction_axes=r, feature_axes=f)``; torch's
     ``F.layer_norm(x, shape, w, b, eps)`` normalizes over the last ``len(shape)`` axes with
-    ``eps=1e-5`` by default (see :func:`jaxinit.porting.torch_layer_norm_kwargs`).
+    ``eps=1e-5`` by default (see :func:`jaxinit.torch_layer_norm_kwargs`).
 
     Args:
         x: floating input.
@@ -171,7 +171,7 @@ def rms_norm(
     (Gemma's convention: the stored scale starts at 0). flax's ``nn.RMSNorm`` is
     ``rms_norm(x, scale, epsilon=..., reduction_axes=..., feature_axes=...)``; torch's
     ``nn.RMSNorm(shape, eps=None)`` uses the input dtype's machine epsilon (float32: 1.19e-7;
-    see :func:`jaxinit.porting.torch_rms_norm_kwargs`).
+    see :func:`jaxinit.torch_rms_norm_kwargs`).
 
     Args:
         x: floating input.

@@ -26,6 +26,7 @@ from jax import lax
 from jaxinit._src.einsum import einsum_axes
 from jaxinit._src.mup import MupInfo, lr_factors, mup_infos, mup_init, scale_by_tree
 from jaxinit.diagnostics.plotting import pyplot, save_png
+from jaxinit.diagnostics.stats import optimizer_update
 from jaxinit.diagnostics.tables import fmt, text_table
 
 __all__ = ["COORD_MODELS", "FLAT_SLOPE", "CoordCheckReport", "coord_check", "plot_coord_check"]
@@ -211,8 +212,7 @@ def _train(
     def step(carry: Any, _: Any) -> tuple[Any, jax.Array]:
         p, state = carry
         (_, sizes), grads = jax.value_and_grad(loss_and_sizes, has_aux=True)(p)
-        with jax.numpy_dtype_promotion("standard"):  # optax's bias correction mixes int and float
-            updates, state = tx.update(grads, state, p)
+        updates, state = optimizer_update(tx, grads, state, p)
         return (optax.apply_updates(p, updates), state), sizes
 
     (params, _), sizes = lax.scan(step, (params, tx.init(params)), None, length=steps)
@@ -345,8 +345,8 @@ def coord_check(
     """Trains a model at several widths under SP and muP and measures every layer's output size.
 
     The first width is the base: there SP and muP are the same model. ``model="mlp"`` is a
-    ReLU MLP (32 inputs, three hidden layers, 10 classes, batch 256) on Gaussian inputs labelled by
-    a random teacher; ``"transformer"`` a two-block pre-norm causal transformer (head size 16,
+    ReLU MLP (32 inputs; layers ``input``, ``hidden_1``, ``hidden_2`` of width units and an
+    ``output`` of 10 classes; batch 256) on Gaussian inputs labelled by a random teacher; ``"transformer"`` a two-block pre-norm causal transformer (head size 16,
     heads = width / 16) learning ``(token + previous token) mod 64``. Both train with Adam at
     ``learning_rate`` on one fixed batch, SP with one learning rate and the kernels at variance
     ``1/fan_in``, muP through :func:`jaxinit.mup_infos`, :func:`jaxinit.mup_init` and

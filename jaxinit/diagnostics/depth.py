@@ -82,7 +82,7 @@ class DepthRow:
 
     Attributes:
         activation: activation name.
-        init: init name (one of :data:`DEPTH_INITS`).
+        init: init name, one of ``DEPTH_INITS``: normal, lecun_normal, kaiming, variance_gain, lsuv.
         init_label: the initializer as shown in the table, e.g. ``kaiming(gain=1.41)``.
         batch_norm: whether train-mode batch norm (``ji.batch_norm``) sits before each activation.
         std: activation std at every layer, shape ``(depth,)``.
@@ -365,7 +365,7 @@ def depth_report(
         width: features per layer.
         batch: rows of the input batch.
         activations: names from ``linear, relu, leaky_relu, tanh, sigmoid, gelu, silu, elu, selu``.
-        inits: names from :data:`DEPTH_INITS`.
+        inits: names from ``DEPTH_INITS`` (normal, lecun_normal, kaiming, variance_gain, lsuv).
         batch_norm: the batch-norm settings to run, e.g. ``(False, True)``.
         seed: seeds the inputs and the weights (every init gets the same weight key).
         saturation: ``|h|`` above which a tanh unit counts as saturated (sigmoid: ``|2h-1|``).

@@ -272,6 +272,16 @@ def diagnose(
     )
 
 
+def optimizer_update(optimizer: Any, grads: Any, state: Any, params: Any) -> tuple[Any, Any]:
+    """``optimizer.update(grads, state, params)`` under jax's standard dtype promotion.
+
+    optax's bias corrections (Adam and its family) multiply an int32 step count with floats, which
+    ``jax_numpy_dtype_promotion="strict"`` refuses; the diagnostics work under either setting.
+    """
+    with jax.numpy_dtype_promotion("standard"):
+        return optimizer.update(grads, state, params)
+
+
 def _param_stats(
     params: dict[str, jax.Array], grads: Any, optimizer: Any, weights_only: bool
 ) -> ParamStats:
@@ -283,7 +293,7 @@ def _param_stats(
         gmean = _stack([jnp.mean(_float(grads[k])) for k in names])
         gstd = _stack([jnp.std(_float(grads[k])) for k in names])
     if optimizer is not None:
-        updates, _ = optimizer.update(grads, optimizer.init(params), params)
+        updates, _ = optimizer_update(optimizer, grads, optimizer.init(params), params)
         ustd = _stack([jnp.std(_float(updates[k])) for k in names])
         update_data = jnp.log10(ustd / stds)
     return ParamStats(

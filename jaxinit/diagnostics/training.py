@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinit.diagnostics.stats import optimizer_update
+
 __all__ = ["UpdateRatios", "update_ratios"]
 
 
@@ -87,7 +89,7 @@ def update_ratios(
             return loss_value(loss_fn, out, y), new_other
 
         (loss, new_other), grads = jax.value_and_grad(objective, has_aux=True)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
+        updates, opt_state = optimizer_update(optimizer, grads, opt_state, params)
         ratio = jnp.stack(
             [
                 jnp.log10(jnp.std(updates[n].astype(jnp.float32)))
