@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
+import jax
 import numpy as np
 import pytest
 
 import jaxinit as ji
 from jaxinit.__main__ import main
 from jaxinit.diagnostics.coord_check import FLAT_SLOPE
+
+# The module, not the function the package exports under the same name.
+coord_check_module = importlib.import_module("jaxinit.diagnostics.coord_check")
 
 WIDTHS = (64, 128, 256)
 
@@ -54,13 +59,26 @@ def test_the_base_width_is_one_model_and_slopes_are_least_squares(report):
     assert "muP    hidden_1" in table and table.count("grows") == 3
 
 
-def test_cli_transformer(capsys):
-    argv = ["coord-check", "--model", "transformer", "--widths", "16,32", "--steps", "1"]
-    assert main([*argv, "--quiet"]) == 0
-    captured = capsys.readouterr()
-    layers = ["embed", "attn_0", "mlp_0", "attn_1", "mlp_1", "logits"]
-    assert [line.split()[1] for line in captured.out.splitlines()[1:]] == layers * 2
-    assert captured.err == ""
+def test_transformer_kinds_come_from_einsum_axes():
+    # The stacked-block kernels: the block axis is a batch axis, heads and head_dim outputs.
+    spec = coord_check_module._MODELS["transformer"]
+    base = jax.eval_shape(lambda: spec.template(16))
+    infos = ji.mup_infos(spec.template(64), base, overrides=spec.overrides)
+    got = {k: (i.kind, i.fan_in_mult, i.fan_out_mult) for k, i in infos["blocks"].items()}
+    assert got == {
+        "qkv": ("hidden", 4.0, 4.0),  # (L, D, 3, H, K): in D, out (3, H, K)
+        "proj": ("hidden", 4.0, 4.0),  # (L, H, K, D): in (H, K), out D
+        "mlp_in": ("hidden", 4.0, 4.0),
+        "mlp_out": ("hidden", 4.0, 4.0),
+        "ln_1": ("vector", 1.0, 4.0),
+        "ln_2": ("vector", 1.0, 4.0),
+    }
+    assert infos["blocks"]["qkv"].batch_axis == (0,) and infos["blocks"]["qkv"].in_axis == (1,)
+    assert (infos["embed"].kind, infos["unembed"].kind, infos["ln_f"].kind) == (
+        "input",
+        "output",
+        "vector",
+    )
 
 
 def test_cli_prints_the_table_and_plots(report, tmp_path, capsys):
