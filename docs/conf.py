@@ -20,7 +20,6 @@ release = version = jaxinit.__version__
 
 extensions = [
     "sphinx.ext.autodoc",
-    "sphinx.ext.autosummary",
     "sphinx.ext.napoleon",
     "myst_parser",
 ]
@@ -34,7 +33,6 @@ html_title = f"jaxinit {release}"
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
-autosummary_generate = False
 autodoc_typehints = "signature"
 autodoc_member_order = "bysource"
 autodoc_default_options = {"members": False}
