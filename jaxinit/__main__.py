@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from jaxinit.diagnostics.coord_check import (
     COORD_MODELS,
@@ -89,6 +89,23 @@ def _positive(text: str) -> int:
     return value
 
 
+def _add_run_options(parser: argparse.ArgumentParser, seeded: str, curves: str) -> None:
+    """The options both reports share: the seed, the plot file and quiet."""
+    parser.add_argument("--seed", type=int, default=0, help=f"PRNG seed for {seeded} (0)")
+    parser.add_argument("--plot", metavar="FILE.png", help=f"write the {curves} curves here")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def _progress_printer() -> Callable[[str], None]:
+    """``progress(line)``: prints the line on stderr after the seconds since this call."""
+    start = time.perf_counter()
+
+    def progress(line: str) -> None:
+        print(f"{time.perf_counter() - start:6.1f}s  {line}", file=sys.stderr, flush=True)
+
+    return progress
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line parser of ``python -m jaxinit``."""
     parser = argparse.ArgumentParser(
@@ -123,30 +140,24 @@ def build_parser() -> argparse.ArgumentParser:
         default="both",
         help="run without and/or with batch norm before each activation (default both)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="PRNG seed for inputs and weights (0)")
     parser.add_argument(
         "--saturation",
         type=float,
         default=0.97,
         help="|tanh| above which a unit counts as saturated (0.97)",
     )
-    parser.add_argument("--plot", metavar="FILE.png", help="write the std-by-depth curves here")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    _add_run_options(parser, "inputs and weights", "std-by-depth")
     return parser
 
 
 def _widths(text: str) -> tuple[int, ...]:
+    """Comma-separated integers; :func:`jaxinit.coord_check` checks that they increase."""
     try:
-        widths = tuple(int(w) for w in text.split(",") if w.strip())
+        return tuple(int(w) for w in text.split(",") if w.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated integers, got {text!r}"
         ) from None
-    if len(widths) < 2 or min(widths) < 1 or list(widths) != sorted(set(widths)):
-        raise argparse.ArgumentTypeError(
-            f"expected at least two increasing positive widths, got {text!r}"
-        )
-    return widths
 
 
 def build_coord_parser() -> argparse.ArgumentParser:
@@ -171,9 +182,7 @@ def build_coord_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--learning-rate", type=float, default=1e-2, help="Adam's learning rate (1e-2)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="PRNG seed for data and weights (0)")
-    parser.add_argument("--plot", metavar="FILE.png", help="write the size-by-width curves here")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    _add_run_options(parser, "data and weights", "size-by-width")
     return parser
 
 
@@ -195,10 +204,7 @@ def coord_main(argv: Sequence[str]) -> int:
     """
     parser = build_coord_parser()
     args = parser.parse_args(argv)
-    start = time.perf_counter()
-
-    def progress(line: str) -> None:
-        print(f"{time.perf_counter() - start:6.1f}s  {line}", file=sys.stderr, flush=True)
+    progress = _progress_printer()
 
     if not args.quiet:
         progress(f"model {args.model}, widths {args.widths}, {args.steps} Adam steps, SP and muP")
@@ -247,10 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 0.0 < args.saturation < 1.0:
         build_parser().error(f"--saturation must be in (0, 1); got {args.saturation}")
     bn = {"both": (False, True), "off": (False,), "on": (True,)}[args.batch_norm]
-    start = time.perf_counter()
-
-    def progress(line: str) -> None:
-        print(f"{time.perf_counter() - start:6.1f}s  {line}", file=sys.stderr, flush=True)
+    progress = _progress_printer()
 
     if not args.quiet:
         progress(

@@ -230,11 +230,12 @@ def _slope(widths: Sequence[int], sizes: np.ndarray) -> float:
 
 
 def _verdict(slopes: Sequence[float]) -> str:
-    """``flat``, ``grows`` or ``shrinks`` from the mean slope over the steps after the first."""
+    """``flat``, ``grows`` or ``shrinks`` from the mean slope over the steps after the first.
+
+    A NaN slope (a size that overflowed to inf or nan at some width) counts as ``grows``.
+    """
     s = float(np.mean(slopes[1:]))
-    if not math.isfinite(s):
-        return "grows"
-    if s > FLAT_SLOPE:
+    if not math.isfinite(s) or s > FLAT_SLOPE:
         return "grows"
     if s < -FLAT_SLOPE:
         return "shrinks"
